@@ -1,0 +1,76 @@
+"""The kit protocol and the bridge from a worker's JSON payload to a kit call."""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Any, Protocol, runtime_checkable
+
+from racto_nb.models import ChatConfig, ChatResponse
+
+
+@runtime_checkable
+class Kit(Protocol):
+    """Anything that answers a chat: racto_nb kits, RactoGateway kits, your own."""
+
+    def chat(self, config: Any) -> Any: ...
+
+
+def run_chat(kit: Any, config: ChatConfig) -> dict[str, Any]:
+    """Call ``kit.chat`` with the config type it understands and return JSON."""
+    return to_response_dict(kit.chat(_config_for(kit, config)))
+
+
+def _config_for(kit: Any, config: ChatConfig) -> Any:
+    # RactoGateway kits type-check their input against their own ChatConfig;
+    # ours is field-compatible, so re-validating its dump is a faithful copy.
+    if type(kit).__module__.startswith("ractogateway."):
+        from ractogateway._models.chat import ChatConfig as RGChatConfig
+
+        return RGChatConfig.model_validate(config.model_dump())
+    return config
+
+
+_RESPONSE_FIELDS = tuple(ChatResponse.model_fields)
+
+
+def to_response_dict(response: Any) -> dict[str, Any]:
+    """Keep the response's JSON fields; drop the raw provider object.
+
+    Accepts our ``ChatResponse``, RactoGateway's ``LLMResponse``, any pydantic
+    model, a dict, or a bare string.
+    """
+    if isinstance(response, str):
+        data: dict[str, Any] = {"content": response}
+    elif isinstance(response, dict):
+        data = dict(response)
+    elif hasattr(response, "model_dump"):
+        data = response.model_dump(mode="json", exclude={"raw"})
+    else:
+        raise TypeError(
+            f"kit.chat() returned {type(response).__name__}; return a ChatResponse, a dict or a str"
+        )
+    out = {name: _jsonable(data.get(name)) for name in _RESPONSE_FIELDS}
+    if out["parsed"] is None and isinstance(out["content"], str):
+        out["parsed"] = parse_json_content(out["content"])
+    if not isinstance(out["usage"], dict):
+        out["usage"] = {}
+    return out
+
+
+def parse_json_content(content: str) -> dict[str, Any] | list[Any] | None:
+    """The content as JSON when it is a JSON object or array, else ``None``."""
+    text = content.strip()
+    if not text or text[0] not in "[{":
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, (dict, list)) else None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value

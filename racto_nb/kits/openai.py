@@ -1,0 +1,106 @@
+"""``OpenAIKit``: OpenAI and every OpenAI-compatible server through the official SDK."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import TYPE_CHECKING
+
+from racto_nb.models import ChatConfig, ChatResponse
+
+if TYPE_CHECKING:
+    import openai
+
+#: Sent when a base URL is given and no key is: local servers (vLLM, Ollama,
+#: llama.cpp) ignore the key, but the SDK refuses to start without one.
+NO_KEY_PLACEHOLDER = "not-needed"
+
+
+class OpenAIKit:
+    """Chat completions over ``openai.OpenAI``.
+
+    One client per kit, created on first use and shared by every thread of a
+    worker, so connections (and their TLS handshakes) are reused across calls.
+    The SDK's own retries are off: the worker's :class:`~racto_nb.RetryConfig`
+    is the only retry policy, so one 500 costs one request, not three.
+
+    The key is read when the client is first built, in the process that makes
+    the call (a worker reads its own ``OPENAI_API_KEY``); it is never part of a
+    task message.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        system_prompt: str | None = None,
+        timeout_s: float = 60.0,
+        api_key_env: str = "OPENAI_API_KEY",
+    ) -> None:
+        if not model:
+            raise ValueError("OpenAIKit needs a model name, e.g. OpenAIKit('gpt-4o-mini')")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0 (got {timeout_s}); it bounds every HTTP call")
+        self.model = model
+        self.base_url = base_url
+        self.system_prompt = system_prompt
+        self.timeout_s = timeout_s
+        self.api_key_env = api_key_env
+        self._api_key = api_key
+        self._client: openai.OpenAI | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        where = f", base_url={self.base_url!r}" if self.base_url else ""
+        return f"OpenAIKit({self.model!r}{where}, timeout_s={self.timeout_s})"
+
+    @property
+    def client(self) -> openai.OpenAI:
+        """The shared SDK client (built once, thread-safely)."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._build_client()
+        return self._client
+
+    def _build_client(self) -> openai.OpenAI:
+        import openai
+
+        key = self._api_key or os.environ.get(self.api_key_env)
+        if not key:
+            if not self.base_url:
+                raise openai.OpenAIError(
+                    f"no API key: set the {self.api_key_env} environment variable where the worker "
+                    "runs, or pass api_key= to OpenAIKit"
+                )
+            key = NO_KEY_PLACEHOLDER
+        return openai.OpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout_s, max_retries=0)
+
+    def messages_for(self, config: ChatConfig) -> list[dict[str, str]]:
+        """System prompt, then history, then the user's message."""
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages += [{"role": m.role, "content": m.content} for m in config.history]
+        messages.append({"role": "user", "content": config.user_message})
+        return messages
+
+    def chat(self, config: ChatConfig) -> ChatResponse:
+        """One chat completion; provider errors propagate for the worker to classify."""
+        completion = self.client.chat.completions.create(
+            model=self.model,
+            messages=self.messages_for(config),  # type: ignore[arg-type]
+            temperature=config.temperature,
+            max_tokens=config.max_tokens,
+            # Provider-specific keys (top_p, seed, response_format, ...) go in
+            # the body as given: the SDK would reject unknown keyword arguments.
+            extra_body=config.extra or None,
+        )
+        choice = completion.choices[0] if completion.choices else None
+        usage = completion.usage.model_dump() if completion.usage else {}
+        return ChatResponse(
+            content=choice.message.content if choice else None,
+            usage={k: v for k, v in usage.items() if isinstance(v, int)},
+            finish_reason=choice.finish_reason if choice else None,
+            model=completion.model,
+        )

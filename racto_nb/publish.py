@@ -1,0 +1,57 @@
+"""Send many task messages fast.
+
+``group(...).apply_async()`` costs about 1 ms a task here, most of it spent on
+what a batch does not need: a result subscription per task (which then piles up
+in Redis) and a producer acquired per message. This sends the same messages,
+group id included, over one producer with routing resolved once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from celery import Celery, Task
+
+
+def publish_many(
+    app: Celery,
+    task: Task,
+    payloads: Sequence[Any],
+    task_ids: Sequence[str],
+    *,
+    group_id: str | None = None,
+    on_sent: Callable[[int], None] | None = None,
+    report_every: int = 500,
+) -> None:
+    """Publish ``task(payload)`` for every payload, with the matching task id.
+
+    ``on_sent(n)`` is called with the running count every ``report_every``
+    messages and at the end, so a caller in another thread can show progress.
+    """
+    if len(payloads) != len(task_ids):
+        raise ValueError("payloads and task_ids must have the same length")
+    amqp = app.amqp
+    options = amqp.router.route(dict(task._get_exec_options()), task.name, None, None, task)
+    options = {k: v for k, v in options.items() if v is not None}
+    with app.producer_or_acquire() as producer:
+        for index, (payload, task_id) in enumerate(zip(payloads, task_ids, strict=True)):
+            message = amqp.create_task_message(
+                task_id,
+                task.name,
+                (payload,),
+                {},
+                group_id=group_id,
+                group_index=index if group_id else None,
+                root_id=task_id,
+                # Celery would saferepr() every payload for logs: a third of the cost.
+                argsrepr="",
+                kwargsrepr="",
+                create_sent_event=app.conf.task_send_sent_event,
+                **options,
+            )
+            amqp.send_task_message(producer, task.name, message, **options)
+            if on_sent is not None and (index + 1) % report_every == 0:
+                on_sent(index + 1)
+    if on_sent is not None:
+        on_sent(len(payloads))

@@ -1,0 +1,401 @@
+"""``RactoCeleryWorker``: the seed's API over Celery, with honest retries.
+
+Kits and RAG objects are captured by closure, exactly as in the RactoGateway
+docs: the module that builds the worker must be imported by the ``celery
+worker`` process too. What crosses the broker is JSON only (the prompt and its
+parameters), never a kit, a key or a provider object.
+
+What a task stores in the result backend, and why:
+
+* STARTED, written by the task itself with the attempt number and how many
+  times this attempt was delivered, so a task whose worker died can be told
+  apart from a fresh one and redelivery stays bounded.
+* RETRY with a ``RetryScheduled`` error: type, HTTP status, attempt and the
+  time of the next try, which a progress line shows as "retry 1 of 3, next
+  try in 4 s".
+* FAILURE with a ``TaskFailed`` error: type, HTTP status, attempts.
+* SUCCESS with an envelope ``{"output", "attempts", "latency_s", "custom_id",
+  "index"}``; ``TaskResult.result`` is its ``output`` (the response dict).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from celery import Celery, Task
+from celery.result import AsyncResult, GroupResult
+from celery.utils import uuid
+
+from racto_nb.errors import RetryScheduled, TaskFailed, classify
+from racto_nb.kits import run_chat
+from racto_nb.models import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE,
+    BatchItem,
+    ChatConfig,
+    RetryConfig,
+    TaskResult,
+    TaskStatus,
+)
+from racto_nb.publish import publish_many
+from racto_nb.results import read_results
+
+#: A task whose worker died this many times in one attempt fails instead of
+#: being redelivered again (a poison message would otherwise loop forever).
+DEFAULT_MAX_REDELIVERIES = 3
+_REDIS_SCHEMES = ("redis", "rediss", "sentinel", "sqs")
+_DEFAULT_VISIBILITY_TIMEOUT_S = 3600.0
+_POLL_MIN_S = 0.005
+_POLL_MAX_S = 0.05
+
+
+class BatchGroupResult(GroupResult):  # type: ignore[misc]
+    """A ``GroupResult`` that remembers each item's ``custom_id``.
+
+    ``GroupResult.restore()`` gives back a plain ``GroupResult``; custom ids of
+    finished items still come back with their results.
+    """
+
+    custom_ids: list[str | None]
+
+
+class RactoCeleryWorker:
+    """Celery-backed task queue for LLM kits.
+
+    Args:
+        app: A configured ``celery.Celery``; you keep control of its broker,
+            backend, serializers and routing.
+        kit: Any object with ``chat(config)``: a racto_nb kit, a RactoGateway
+            kit, or your own.
+        rag: Any object with ``ingest(path, **metadata)`` returning chunks
+            (e.g. RactoGateway's ``RactoRAG``); needed only by
+            :meth:`ingest_document`.
+        retry_config: Backoff policy; defaults to ``RetryConfig()``.
+        name: Distinguishes several workers on one app. Task names are
+            ``racto_nb.<name>.generate`` and ``racto_nb.<name>.ingest``; a
+            worker process must build the same names to run them.
+        max_redeliveries: How often one attempt may be redelivered after its
+            worker process died before the task fails with ``WorkerLost``.
+        replace: Take over ``name`` from a live worker with a different kit
+            (otherwise that is an error: one would silently run the other's kit).
+    """
+
+    def __init__(
+        self,
+        app: Celery,
+        *,
+        kit: Any,
+        rag: Any | None = None,
+        retry_config: RetryConfig | None = None,
+        name: str = "default",
+        max_redeliveries: int = DEFAULT_MAX_REDELIVERIES,
+        replace: bool = False,
+    ) -> None:
+        if not callable(getattr(kit, "chat", None)):
+            raise TypeError(f"kit must have a chat(config) method; got {type(kit).__name__}")
+        if rag is not None and not callable(getattr(rag, "ingest", None)):
+            raise TypeError(f"rag must have an ingest(path, **metadata) method; got {type(rag).__name__}")
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"name must be letters, digits, '-' or '_' (got {name!r})")
+        self.app = app
+        self.kit = kit
+        self.rag = rag
+        self.retry_config = retry_config or RetryConfig()
+        self.name = name
+        self.max_redeliveries = max_redeliveries
+        _check_visibility_timeout(app, self.retry_config)
+        self._claim_name(replace)
+        self.generate_task = self._register("generate", self._run_generate)
+        self.ingest_task = self._register("ingest", self._run_ingest)
+
+    def __repr__(self) -> str:
+        return f"RactoCeleryWorker(name={self.name!r}, kit={self.kit!r}, retry_config={self.retry_config!r})"
+
+    # ------------------------------------------------------------------ client API
+
+    def generate(
+        self,
+        user_message: str,
+        *,
+        temperature: float = DEFAULT_TEMPERATURE,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        history: list[dict[str, str]] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> AsyncResult:
+        """Enqueue one chat call; returns at once with the task's ``AsyncResult``.
+
+        The request is validated here, so bad input raises before anything is
+        enqueued instead of failing later in a worker.
+        """
+        config = ChatConfig(
+            user_message=user_message,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            history=history or [],  # type: ignore[arg-type]
+            extra=extra or {},
+        )
+        _require_json(config.extra, "extra")
+        return self.generate_task.apply_async(args=(config.model_dump(mode="json"),))
+
+    def ingest_document(self, path: str, **metadata: Any) -> AsyncResult:
+        """Enqueue ``rag.ingest(path, **metadata)`` on a worker.
+
+        Raises:
+            RuntimeError: at once, when this worker has no ``rag``.
+        """
+        if self.rag is None:
+            raise RuntimeError(
+                "ingest_document needs a RAG object: pass rag=<RactoRAG or any object with "
+                "ingest(path, **metadata)> to RactoCeleryWorker"
+            )
+        _require_json(metadata, "metadata")
+        return self.ingest_task.apply_async(args=(str(path), metadata))
+
+    def parallel_batch(
+        self,
+        items: Sequence[BatchItem | str],
+        *,
+        temperature: float = DEFAULT_TEMPERATURE,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+    ) -> BatchGroupResult:
+        """Fan ``items`` out as one task each; returns the batch's ``GroupResult``.
+
+        Every item is validated before the first is enqueued. An item's own
+        ``temperature``/``max_tokens``/``extra`` win when set (``0.0`` included).
+        Messages go out on one producer without the per-task result
+        subscription ``group().apply_async()`` makes.
+        """
+        payloads = self.batch_payloads(items, temperature=temperature, max_tokens=max_tokens)
+        group_id = uuid()
+        task_ids = [uuid() for _ in payloads]
+        publish_many(self.app, self.generate_task, payloads, task_ids, group_id=group_id)
+        return self.group_result(group_id, task_ids, [p["custom_id"] for p in payloads])
+
+    def batch_payloads(
+        self,
+        items: Sequence[BatchItem | str],
+        *,
+        temperature: float = DEFAULT_TEMPERATURE,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+    ) -> list[dict[str, Any]]:
+        """Validated JSON payloads for ``items``, one per item, in order."""
+        if isinstance(items, (str, BatchItem)):
+            raise TypeError("items must be a list of strings or BatchItems, not a single item")
+        defaults = ChatConfig(user_message="-", temperature=temperature, max_tokens=max_tokens)
+        payloads = []
+        for index, raw in enumerate(items):
+            item = BatchItem(user_message=raw) if isinstance(raw, str) else BatchItem.model_validate(raw)
+            config = ChatConfig(
+                user_message=item.user_message,
+                temperature=defaults.temperature if item.temperature is None else item.temperature,
+                max_tokens=defaults.max_tokens if item.max_tokens is None else item.max_tokens,
+                extra=item.extra or {},
+            )
+            _require_json(config.extra, f"items[{index}].extra")
+            payloads.append({**config.model_dump(mode="json"), "custom_id": item.custom_id, "index": index})
+        return payloads
+
+    def group_result(
+        self, group_id: str, task_ids: Sequence[str], custom_ids: Sequence[str | None]
+    ) -> BatchGroupResult:
+        """A ``GroupResult`` over already-chosen task ids (saved for ``restore``)."""
+        result = BatchGroupResult(
+            group_id, [self.app.AsyncResult(task_id) for task_id in task_ids], app=self.app
+        )
+        result.custom_ids = list(custom_ids)
+        return result
+
+    def get_result(self, task_id: str) -> TaskResult:
+        """The task's state now, without blocking (STARTED and RETRY included)."""
+        return read_results(self.app, [task_id])[0]
+
+    def wait(self, task_id: str, *, timeout_s: float | None = None) -> TaskResult:
+        """Block until the task is final or ``timeout_s`` passes.
+
+        On timeout the status stays what the task really is (pending, started,
+        retry) and ``error`` says the wait timed out: a timeout is a fact about
+        the wait, not about the task.
+        """
+        return self.wait_many([task_id], timeout_s=timeout_s)[0]
+
+    def wait_parallel(self, group_result: GroupResult, *, timeout_s: float | None = None) -> list[TaskResult]:
+        """Block until every task of a batch is final or ``timeout_s`` passes.
+
+        Returns one ``TaskResult`` per item in submission order, each with its
+        own state; items cut off by the timeout keep their real status and say so
+        in ``error``.
+        """
+        task_ids = [child.id for child in group_result.results]
+        results = self.wait_many(task_ids, timeout_s=timeout_s)
+        custom_ids = getattr(group_result, "custom_ids", None)
+        for index, result in enumerate(results):
+            result.index = index
+            if custom_ids is not None:
+                result.custom_id = custom_ids[index]
+        return results
+
+    def wait_many(self, task_ids: Sequence[str], *, timeout_s: float | None = None) -> list[TaskResult]:
+        """Poll ``task_ids`` with batched reads until all are final or time runs out."""
+        if timeout_s is not None and timeout_s < 0:
+            raise ValueError(f"timeout_s must be >= 0 or None (got {timeout_s})")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        results: dict[str, TaskResult] = {}
+        pending = list(dict.fromkeys(task_ids))
+        pause = _POLL_MIN_S
+        while True:
+            for result in read_results(self.app, pending):
+                results[result.task_id] = result
+            pending = [task_id for task_id in pending if not results[task_id].status.is_final]
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if not pending or (remaining is not None and remaining <= 0):
+                break
+            time.sleep(pause if remaining is None else min(pause, remaining))
+            pause = min(pause * 1.5, _POLL_MAX_S)
+        for task_id in pending:
+            cut = results[task_id]
+            cut.error = f"wait timed out after {timeout_s:g} s; the task is still {cut.status.value}"
+            cut.error_type = "WaitTimeout"
+        return [results[task_id].model_copy() for task_id in task_ids]
+
+    # ------------------------------------------------------------------ worker side
+
+    def _claim_name(self, replace: bool) -> None:
+        registry: weakref.WeakValueDictionary[str, RactoCeleryWorker]
+        registry = self.app.__dict__.setdefault("_racto_workers", weakref.WeakValueDictionary())
+        holder = registry.get(self.name)
+        if holder is not None and not replace and not _same_kit(holder.kit, self.kit):
+            raise ValueError(
+                f"a RactoCeleryWorker named {self.name!r} with another kit ({holder.kit!r}) is already "
+                f"registered on this Celery app; pass name='<another name>' to run both kits, or "
+                f"replace=True to take the name over"
+            )
+        registry[self.name] = self
+
+    def _register(self, action: str, run: Callable[..., Any]) -> Task:
+        task_name = f"racto_nb.{self.name}.{action}"
+
+        def task_body(task: Task, *args: Any) -> dict[str, Any]:
+            result: dict[str, Any] = run(task, *args)
+            return result
+
+        task_body.__name__ = task_body.__qualname__ = f"{self.name}_{action}"
+        task: Task = self.app.task(
+            bind=True,
+            name=task_name,
+            # A worker killed mid-call must not lose the task: acknowledge only
+            # after it ran, and requeue when the process running it is lost.
+            acks_late=True,
+            reject_on_worker_lost=True,
+            max_retries=self.retry_config.max_retries,
+            serializer="json",
+            # The task writes its own STARTED state (with attempt counts).
+            track_started=False,
+        )(task_body)
+        return task
+
+    def _run_generate(self, task: Task, payload: dict[str, Any]) -> dict[str, Any]:
+        item = {"custom_id": payload.pop("custom_id", None), "index": payload.pop("index", None)}
+        config = ChatConfig.model_validate(payload)
+        return self._attempt(task, lambda: run_chat(self.kit, config), item)
+
+    def _run_ingest(self, task: Task, path: str, metadata: dict[str, Any]) -> dict[str, Any]:
+        rag = self.rag
+        if rag is None:
+            raise TaskFailed("this worker process has no rag object configured", "RuntimeError")
+        return self._attempt(task, lambda: [_chunk_dict(c) for c in rag.ingest(path, **metadata)], {})
+
+    def _attempt(self, task: Task, work: Callable[[], Any], item: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.retry_config
+        retries_so_far = int(task.request.retries or 0)
+        attempt = retries_so_far + 1
+        self._mark_started(task, attempt)
+        started = time.perf_counter()
+        try:
+            output = work()
+        except Exception as exc:
+            verdict = classify(exc)
+            what = verdict.error_type + (f" (HTTP {verdict.status_code})" if verdict.status_code else "")
+            if verdict.retryable and retries_so_far < cfg.max_retries:
+                countdown = cfg.countdown(retries_so_far, verdict.retry_after_s)
+                scheduled = RetryScheduled(
+                    f"{what}: {exc}",
+                    verdict.error_type,
+                    verdict.status_code,
+                    attempt,
+                    cfg.max_retries,
+                    time.time() + countdown,
+                )
+                raise task.retry(exc=scheduled, countdown=countdown, max_retries=cfg.max_retries) from None
+            why = f"after {attempt} attempts" if verdict.retryable else "not retried"
+            raise TaskFailed(
+                f"{what}, {why}: {exc}", verdict.error_type, verdict.status_code, attempt
+            ) from None
+        return {
+            "output": output,
+            "attempts": attempt,
+            "latency_s": round(time.perf_counter() - started, 6),
+            **item,
+        }
+
+    def _mark_started(self, task: Task, attempt: int) -> None:
+        # One GET + one SET per attempt buys bounded redelivery on every broker:
+        # a STARTED record for this same attempt means its worker died mid-call.
+        previous = task.backend.get_task_meta(task.request.id)
+        deliveries = 1
+        recorded = previous.get("result") if previous.get("status") == "STARTED" else None
+        if isinstance(recorded, dict) and recorded.get("attempt") == attempt:
+            deliveries = int(recorded.get("deliveries", 1)) + 1
+        if deliveries > self.max_redeliveries + 1:
+            raise TaskFailed(
+                f"WorkerLost: the worker running attempt {attempt} died {deliveries - 1} times; "
+                f"not redelivered again (max_redeliveries={self.max_redeliveries})",
+                "WorkerLost",
+                None,
+                attempt,
+            )
+        task.update_state(
+            state="STARTED",
+            meta={"attempt": attempt, "deliveries": deliveries, "hostname": task.request.hostname},
+        )
+
+
+def _same_kit(a: Any, b: Any) -> bool:
+    return a is b or (type(a) is type(b) and a == b)
+
+
+def _chunk_dict(chunk: Any) -> Any:
+    return chunk.model_dump(mode="json") if hasattr(chunk, "model_dump") else chunk
+
+
+def _require_json(value: Any, what: str) -> None:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} must be JSON-serialisable (str, number, bool, list, dict): {exc}") from None
+
+
+def _check_visibility_timeout(app: Celery, cfg: RetryConfig) -> None:
+    """Refuse a retry schedule the broker would turn into duplicate runs.
+
+    Redis and SQS hand an unacknowledged message to another worker after
+    ``visibility_timeout``; a retry countdown at least that long is redelivered
+    while it waits and runs twice.
+    """
+    url = str(app.conf.broker_url or "")
+    if not url.startswith(_REDIS_SCHEMES):
+        return
+    options = app.conf.broker_transport_options or {}
+    visibility = float(options.get("visibility_timeout", _DEFAULT_VISIBILITY_TIMEOUT_S))
+    if cfg.max_delay_s >= visibility:
+        raise ValueError(
+            f"RetryConfig.max_delay_s={cfg.max_delay_s:g} is not below the broker's visibility_timeout "
+            f"({visibility:g} s): a retry waiting that long would be redelivered and run twice. Lower "
+            "max_delay_s, or raise broker_transport_options['visibility_timeout']"
+        )
+
+
+__all__ = ["BatchGroupResult", "RactoCeleryWorker", "TaskStatus"]
