@@ -17,29 +17,29 @@ from celery import Celery, Task
 def publish_many(
     app: Celery,
     task: Task,
-    payloads: Sequence[Any],
+    arg_tuples: Sequence[tuple[Any, ...]],
     task_ids: Sequence[str],
     *,
     group_id: str | None = None,
     on_sent: Callable[[int], None] | None = None,
     report_every: int = 500,
 ) -> None:
-    """Publish ``task(payload)`` for every payload, with the matching task id.
+    """Publish ``task(*args)`` for every tuple of ``arg_tuples``, with the matching task id.
 
     ``on_sent(n)`` is called with the running count every ``report_every``
     messages and at the end, so a caller in another thread can show progress.
     """
-    if len(payloads) != len(task_ids):
-        raise ValueError("payloads and task_ids must have the same length")
+    if len(arg_tuples) != len(task_ids):
+        raise ValueError("arg_tuples and task_ids must have the same length")
     amqp = app.amqp
     options = amqp.router.route(dict(task._get_exec_options()), task.name, None, None, task)
     options = {k: v for k, v in options.items() if v is not None}
     with app.producer_or_acquire() as producer:
-        for index, (payload, task_id) in enumerate(zip(payloads, task_ids, strict=True)):
+        for index, (args, task_id) in enumerate(zip(arg_tuples, task_ids, strict=True)):
             message = amqp.create_task_message(
                 task_id,
                 task.name,
-                (payload,),
+                args,
                 {},
                 group_id=group_id,
                 group_index=index if group_id else None,
@@ -54,4 +54,4 @@ def publish_many(
             if on_sent is not None and (index + 1) % report_every == 0:
                 on_sent(index + 1)
     if on_sent is not None:
-        on_sent(len(payloads))
+        on_sent(len(arg_tuples))

@@ -32,6 +32,28 @@ _STATES = {
 }
 
 
+def manifest_key(batch_id: str) -> str:
+    """Backend key of a batch's manifest (task ids, payloads, source index)."""
+    return f"racto-nb-batch-{batch_id}"
+
+
+def cancel_key(batch_id: str) -> str:
+    """Backend key whose presence tells a batch's tasks not to start."""
+    return f"racto-nb-cancel-{batch_id}"
+
+
+def read_before_start(backend: Any, task_id: str, batch_id: str | None) -> tuple[dict[str, Any], bool]:
+    """A task's stored meta and whether its batch was cancelled, in one round trip."""
+    if not isinstance(backend, KeyValueStoreBackend) or not batch_id:
+        return backend.get_task_meta(task_id), False
+    keys = [backend.get_key_for_task(task_id), cancel_key(batch_id)]
+    values = backend.mget(keys)
+    if isinstance(values, dict):
+        values = [values.get(key) for key in keys]
+    meta = backend.decode_result(values[0]) if values[0] is not None else {"status": "PENDING"}
+    return meta, values[1] is not None
+
+
 def fetch_metas(
     backend: Any, task_ids: Sequence[str], chunk: int = MGET_CHUNK
 ) -> list[dict[str, Any] | None]:

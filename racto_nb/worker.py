@@ -27,8 +27,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import Ignore
 from celery.result import AsyncResult, GroupResult
 from celery.utils import uuid
+from vine import barrier
 
 from racto_nb.errors import RetryScheduled, TaskFailed, classify
 from racto_nb.kits import run_chat
@@ -42,7 +44,7 @@ from racto_nb.models import (
     TaskStatus,
 )
 from racto_nb.publish import publish_many
-from racto_nb.results import read_results
+from racto_nb.results import read_before_start, read_results
 
 #: A task whose worker died this many times in one attempt fails instead of
 #: being redelivered again (a poison message would otherwise loop forever).
@@ -139,7 +141,7 @@ class RactoCeleryWorker:
             extra=extra or {},
         )
         _require_json(config.extra, "extra")
-        return self.generate_task.apply_async(args=(config.model_dump(mode="json"),))
+        return self._send(self.generate_task, (config.model_dump(mode="json"),))
 
     def ingest_document(self, path: str, **metadata: Any) -> AsyncResult:
         """Enqueue ``rag.ingest(path, **metadata)`` on a worker.
@@ -153,7 +155,7 @@ class RactoCeleryWorker:
                 "ingest(path, **metadata)> to RactoCeleryWorker"
             )
         _require_json(metadata, "metadata")
-        return self.ingest_task.apply_async(args=(str(path), metadata))
+        return self._send(self.ingest_task, (str(path), metadata))
 
     def parallel_batch(
         self,
@@ -172,8 +174,14 @@ class RactoCeleryWorker:
         payloads = self.batch_payloads(items, temperature=temperature, max_tokens=max_tokens)
         group_id = uuid()
         task_ids = [uuid() for _ in payloads]
-        publish_many(self.app, self.generate_task, payloads, task_ids, group_id=group_id)
+        publish_many(self.app, self.generate_task, [(p,) for p in payloads], task_ids, group_id=group_id)
         return self.group_result(group_id, task_ids, [p["custom_id"] for p in payloads])
+
+    def _send(self, task: Task, args: tuple[Any, ...]) -> AsyncResult:
+        # Same path as batches: no per-task result subscription left in Redis.
+        task_id = uuid()
+        publish_many(self.app, task, [args], [task_id])
+        return self.app.AsyncResult(task_id)
 
     def batch_payloads(
         self,
@@ -203,9 +211,10 @@ class RactoCeleryWorker:
         self, group_id: str, task_ids: Sequence[str], custom_ids: Sequence[str | None]
     ) -> BatchGroupResult:
         """A ``GroupResult`` over already-chosen task ids (saved for ``restore``)."""
-        result = BatchGroupResult(
-            group_id, [self.app.AsyncResult(task_id) for task_id in task_ids], app=self.app
-        )
+        # An explicit (empty) barrier: the default one calls then() on every
+        # child, which subscribes each task id to Redis pub/sub.
+        children = [self.app.AsyncResult(task_id) for task_id in task_ids]
+        result = BatchGroupResult(group_id, children, app=self.app, ready_barrier=barrier())
         result.custom_ids = list(custom_ids)
         return result
 
@@ -319,10 +328,11 @@ class RactoCeleryWorker:
         except Exception as exc:
             verdict = classify(exc)
             what = verdict.error_type + (f" (HTTP {verdict.status_code})" if verdict.status_code else "")
+            what += f": {_explain(exc, with_cause=verdict.status_code is None)}"
             if verdict.retryable and retries_so_far < cfg.max_retries:
                 countdown = cfg.countdown(retries_so_far, verdict.retry_after_s)
                 scheduled = RetryScheduled(
-                    f"{what}: {exc}",
+                    what,
                     verdict.error_type,
                     verdict.status_code,
                     attempt,
@@ -330,10 +340,8 @@ class RactoCeleryWorker:
                     time.time() + countdown,
                 )
                 raise task.retry(exc=scheduled, countdown=countdown, max_retries=cfg.max_retries) from None
-            why = f"after {attempt} attempts" if verdict.retryable else "not retried"
-            raise TaskFailed(
-                f"{what}, {why}: {exc}", verdict.error_type, verdict.status_code, attempt
-            ) from None
+            why = f"gave up after {attempt} attempts" if verdict.retryable else "not retried"
+            raise TaskFailed(f"{what} ({why})", verdict.error_type, verdict.status_code, attempt) from None
         return {
             "output": output,
             "attempts": attempt,
@@ -342,9 +350,13 @@ class RactoCeleryWorker:
         }
 
     def _mark_started(self, task: Task, attempt: int) -> None:
-        # One GET + one SET per attempt buys bounded redelivery on every broker:
-        # a STARTED record for this same attempt means its worker died mid-call.
-        previous = task.backend.get_task_meta(task.request.id)
+        # One read + one write per attempt buys bounded redelivery on every
+        # broker (a STARTED record for this same attempt means its worker died
+        # mid-call) and batch cancel that reaches tasks in a retry countdown.
+        previous, cancelled = read_before_start(task.backend, task.request.id, task.request.group)
+        if cancelled:
+            task.backend.mark_as_revoked(task.request.id, reason="batch cancelled", request=task.request)
+            raise Ignore()
         deliveries = 1
         recorded = previous.get("result") if previous.get("status") == "STARTED" else None
         if isinstance(recorded, dict) and recorded.get("attempt") == attempt:
@@ -361,6 +373,16 @@ class RactoCeleryWorker:
             state="STARTED",
             meta={"attempt": attempt, "deliveries": deliveries, "hostname": task.request.hostname},
         )
+
+
+def _explain(exc: BaseException, *, with_cause: bool) -> str:
+    """The message, plus the low-level cause SDKs hide behind "Connection error."."""
+    text = str(exc) or type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    if with_cause and cause is not None and not (str(cause) and str(cause) in text):
+        detail = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+        text += f" (caused by {detail})"
+    return text
 
 
 def _same_kit(a: Any, b: Any) -> bool:
