@@ -1,0 +1,417 @@
+"""Start and stop real ``celery worker`` processes from Python.
+
+Used by the notebook magic (``%racto_workers start N``) and by the tests, which
+need real workers because the properties that matter (a task survives a worker
+killed mid-flight, warm shutdown finishes what it started) only exist across a
+process boundary.
+
+Design choices worth knowing:
+
+* Each worker runs in its own session (process group), so :meth:`WorkerProcess.kill`
+  takes pool children down with it and a Ctrl-C in the notebook does not reach it.
+* Readiness is read from the worker's own log: Celery logs ``NODENAME ready.``
+  at INFO once its consumer is attached to the broker. That is the only signal
+  that needs no code inside the worker, and it means "can take tasks now",
+  unlike "the process exists". The price: the log level must be DEBUG or INFO.
+* Workers started here are stopped when this interpreter exits, so a restarted
+  kernel does not leave stale workers consuming tasks with yesterday's code.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from uuid import uuid4
+
+__all__ = ["READY_PATTERN", "WorkerPool", "WorkerProcess"]
+
+#: Celery's readiness line, e.g. ``[...: INFO/MainProcess] racto-1a2b3c4d@box ready.``
+READY_PATTERN = re.compile(r"(?P<nodename>\S+@\S+) ready\.\s*$")
+_READY_LEVELS = frozenset({"DEBUG", "INFO"})
+_TAIL_LINES = 40
+_POLL_S = 0.05
+
+# Strong references, so a worker whose handle was dropped is still stopped at exit.
+_RUNNING: set[WorkerProcess] = set()
+
+
+def _stop_running_at_exit() -> None:
+    workers = list(_RUNNING)
+    for worker in workers:
+        worker._send_term()
+    deadline = time.monotonic() + 3.0
+    for worker in workers:
+        worker._finish_stop(deadline)
+
+
+atexit.register(_stop_running_at_exit)
+
+
+def _default_hostname() -> str:
+    return f"racto-{uuid4().hex[:8]}@%h"
+
+
+class WorkerProcess:
+    """One ``celery -A APP worker`` subprocess.
+
+    ``app`` is the ``-A`` argument (``"racto_nb.app"``,
+    ``"tests.worker_apps.ping_app:app"``). ``cwd`` is where the worker runs and
+    is put first on its ``PYTHONPATH``, so an app module next to the notebook
+    imports. ``env`` is layered over this process's environment, which is how
+    a worker gets its broker URL or API key without them entering a task.
+    ``hostname`` may use Celery's ``%h``; the expanded name is
+    :attr:`nodename` once the worker is ready.
+    """
+
+    def __init__(
+        self,
+        app: str,
+        *,
+        concurrency: int = 16,
+        pool: str = "threads",
+        hostname: str | None = None,
+        env: Mapping[str, str] | None = None,
+        queues: Sequence[str] | None = None,
+        loglevel: str = "INFO",
+        log_path: Path | None = None,
+        cwd: Path | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        if not app:
+            raise ValueError("app must name a Celery app for -A, e.g. 'racto_nb.app'")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, not {concurrency}")
+        if loglevel.upper() not in _READY_LEVELS:
+            raise ValueError(
+                f"loglevel must be DEBUG or INFO, not {loglevel!r}: readiness is detected from the "
+                "INFO line Celery logs when the worker is ready"
+            )
+        if queues is not None and not queues:
+            raise ValueError("queues must name at least one queue (or be None for Celery's default)")
+        self.app = app
+        self.concurrency = concurrency
+        self.pool = pool
+        self._hostname = hostname or _default_hostname()
+        self.env = dict(env or {})
+        self.queues = list(queues) if queues is not None else None
+        self.loglevel = loglevel.upper()
+        self._log_path = log_path
+        self.cwd = cwd
+        self.extra_args = list(extra_args)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._nodename: str | None = None
+
+    def __repr__(self) -> str:
+        if self._proc is None:
+            state = "not started"
+        elif self._proc.poll() is None:
+            state = f"pid {self._proc.pid}"
+        else:
+            state = f"exited {self._proc.returncode}"
+        return f"WorkerProcess({self.app!r}, {self.nodename or self.hostname!r}, {state})"
+
+    # -- properties -----------------------------------------------------------
+
+    @property
+    def argv(self) -> list[str]:
+        """The command line the worker is started with."""
+        argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            self.app,
+            "worker",
+            "--pool",
+            self.pool,
+            "-c",
+            str(self.concurrency),
+            "-n",
+            self._hostname,
+            "--loglevel",
+            self.loglevel,
+            # Gossip, mingle and heartbeats are chatter between workers that a
+            # notebook fleet never uses; mingle alone adds ~1 s to every start.
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+        if self.queues:
+            argv += ["-Q", ",".join(self.queues)]
+        return argv + self.extra_args
+
+    @property
+    def hostname(self) -> str:
+        """The ``-n`` argument as given (may contain ``%h``)."""
+        return self._hostname
+
+    @property
+    def nodename(self) -> str | None:
+        """The worker's expanded node name (``racto-1a2b3c4d@box``) once it is ready."""
+        return self._nodename
+
+    @property
+    def pid(self) -> int:
+        return self._started().pid
+
+    @property
+    def returncode(self) -> int | None:
+        """None while running (or never started); negative for death by signal."""
+        return None if self._proc is None else self._proc.poll()
+
+    @property
+    def log_path(self) -> Path:
+        """Where stdout and stderr go; kept after the worker stops, for post-mortems."""
+        if self._log_path is None:
+            fd, name = tempfile.mkstemp(prefix="racto-worker-", suffix=".log")
+            os.close(fd)
+            self._log_path = Path(name)
+        return self._log_path
+
+    def is_alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = _TAIL_LINES) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def _started(self) -> subprocess.Popen[bytes]:
+        if self._proc is None:
+            raise RuntimeError(f"{self!r} has not been started")
+        return self._proc
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self, timeout_s: float = 30.0) -> WorkerProcess:
+        """Launch the worker and return once it consumes tasks.
+
+        Raises RuntimeError with the log's tail if it exits first or is not
+        ready within ``timeout_s`` (in which case it is killed: a worker that
+        is half up would otherwise take tasks the caller thinks are unserved).
+        """
+        self._launch()
+        self._wait_ready(time.monotonic() + timeout_s)
+        return self
+
+    def _launch(self) -> None:
+        if self.is_alive():
+            raise RuntimeError(f"{self!r} is already running")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        if self.cwd is not None:
+            paths = [str(self.cwd), *env.get("PYTHONPATH", "").split(os.pathsep)]
+            env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        self._nodename = None
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.cwd,
+                env=env,
+                start_new_session=True,
+            )
+        _RUNNING.add(self)
+
+    def _wait_ready(self, deadline: float) -> None:
+        proc = self._started()
+        offset = 0
+        pending = b""
+        while True:
+            # Read before checking for exit, so a line written just before a
+            # crash (or just before readiness) is never missed.
+            with open(self.log_path, "rb") as log:
+                log.seek(offset)
+                chunk = log.read()
+            offset += len(chunk)
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                match = READY_PATTERN.search(line.decode(errors="replace"))
+                if match:
+                    self._nodename = match.group("nodename")
+                    return
+            if proc.poll() is not None:
+                self._forget()
+                raise RuntimeError(
+                    f"celery worker {self._hostname} exited with code {proc.returncode} before it was "
+                    f"ready; last {_TAIL_LINES} lines of {self.log_path}:\n{self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(
+                    f"celery worker {self._hostname} was not ready in time (no 'ready.' line); killed it. "
+                    f"Last {_TAIL_LINES} lines of {self.log_path}:\n{self.log_tail()}"
+                )
+            time.sleep(_POLL_S)
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """Warm shutdown: SIGTERM lets running tasks finish, SIGKILL after ``timeout_s``.
+
+        Returns the exit code (None if never started). Safe to call twice.
+        """
+        if self._proc is None:
+            return None
+        self._send_term()
+        return self._finish_stop(time.monotonic() + timeout_s)
+
+    def kill(self) -> int | None:
+        """SIGKILL the worker and its children now, as a crash or an OOM kill would."""
+        if self._proc is None:
+            return None
+        self._killpg()
+        self._proc.wait()
+        self._forget()
+        return self._proc.returncode
+
+    def _send_term(self) -> None:
+        # To the main process only: it owns the warm shutdown and tells its
+        # pool children what to do; signalling them directly races with that.
+        if self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGTERM)
+
+    def _finish_stop(self, deadline: float) -> int | None:
+        if self._proc is None:
+            return None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        # Also sweeps pool children orphaned by a main process that died. The
+        # group id cannot be reused while any member lives, so this only ever
+        # hits the worker's own leftovers.
+        self._killpg()
+        self._proc.wait()
+        self._forget()
+        return self._proc.returncode
+
+    def _killpg(self) -> None:
+        assert self._proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, signal.SIGKILL)
+
+    def _forget(self) -> None:
+        _RUNNING.discard(self)
+
+    def __enter__(self) -> WorkerProcess:
+        return self if self.is_alive() else self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class WorkerPool:
+    """Several :class:`WorkerProcess` started and stopped together.
+
+    Starting launches every process before waiting for any, and stopping
+    signals all before waiting, so N workers cost about as long as one.
+    """
+
+    def __init__(self, workers: Iterable[WorkerProcess]) -> None:
+        self.workers = list(workers)
+
+    @classmethod
+    def of(
+        cls,
+        app: str,
+        n: int,
+        *,
+        concurrency: int = 16,
+        pool: str = "threads",
+        env: Mapping[str, str] | None = None,
+        queues: Sequence[str] | None = None,
+        loglevel: str = "INFO",
+        log_dir: Path | None = None,
+        cwd: Path | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> WorkerPool:
+        """``n`` identically configured workers with unique node names (not started yet)."""
+        if n < 1:
+            raise ValueError(f"a pool needs at least one worker, not {n}")
+        workers = []
+        for _ in range(n):
+            hostname = _default_hostname()
+            log_path = None if log_dir is None else log_dir / f"{hostname.split('@')[0]}.log"
+            workers.append(
+                WorkerProcess(
+                    app,
+                    concurrency=concurrency,
+                    pool=pool,
+                    hostname=hostname,
+                    env=env,
+                    queues=queues,
+                    loglevel=loglevel,
+                    log_path=log_path,
+                    cwd=cwd,
+                    extra_args=extra_args,
+                )
+            )
+        return cls(workers)
+
+    def __repr__(self) -> str:
+        return f"WorkerPool({len(self.alive())}/{len(self.workers)} alive)"
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def __iter__(self) -> Iterator[WorkerProcess]:
+        return iter(self.workers)
+
+    def __getitem__(self, index: int) -> WorkerProcess:
+        return self.workers[index]
+
+    def alive(self) -> list[WorkerProcess]:
+        return [w for w in self.workers if w.is_alive()]
+
+    def start(self, timeout_s: float = 30.0) -> WorkerPool:
+        """Start all; if any fails, kill the rest too and raise its error."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            for worker in self.workers:
+                worker._launch()
+            for worker in self.workers:
+                worker._wait_ready(deadline)
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> list[int | None]:
+        """Warm-shut-down all within one shared ``timeout_s``; return their exit codes."""
+        for worker in self.workers:
+            worker._send_term()
+        deadline = time.monotonic() + timeout_s
+        return [worker._finish_stop(deadline) for worker in self.workers]
+
+    def kill(self) -> None:
+        for worker in self.workers:
+            worker.kill()
+
+    def __enter__(self) -> WorkerPool:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
