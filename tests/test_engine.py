@@ -6,6 +6,7 @@ wrong (see shared/DESIGN.md); each would fail on that behaviour.
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -124,7 +125,7 @@ def test_backoff_schedule_is_followed(
     fake_openai.script(unique_case, ["503", "502", "504"])
     assert openai_app.worker.wait(openai_app.worker.generate(f"x [case:{unique_case}]").id, timeout_s=20).ok
     times = [r.arrived_at for r in fake_openai.requests(unique_case)]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     # 0.2 s, 0.4 s, 0.8 s (RETRY in tests/worker_apps/openai_app.py), never less.
     for gap, planned in zip(gaps, [0.2, 0.4, 0.8], strict=True):
         assert planned - 0.02 <= gap < planned + 1.0
