@@ -1,14 +1,19 @@
 """A batch: one task per row, tracked until every row is final, never losing one.
 
-``Batch`` owns the bookkeeping a notebook needs around ``parallel_batch``:
+``Batch`` owns the bookkeeping a notebook needs around the engine:
 
 * a manifest (task ids, payloads, the source index) saved in the result
   backend *before* the first message is sent, so a restarted kernel can
   rebuild the same DataFrame with :meth:`Batch.attach`;
-* publishing in a background thread, so 10,000 rows return control at once;
-* refreshes that read only the unfinished tasks, in chunked MGETs;
+* publishing in a background thread, so 10,000 rows return control at once
+  (``group().apply_async()`` costs about 1 ms a task and blocks the cell);
+* refreshes that read only the unfinished tasks, in chunked MGETs, and decode
+  only the values that changed since the last look;
 * cancel (a flag the tasks check, plus REVOKED marks for waiting tasks) and
   retry-failed (new tasks for the failed rows, in the same result).
+
+Rows the template skipped (missing values) are part of the result, with status
+``skipped``, but not of the progress: they are not tasks.
 
 Views never call Celery: they receive the ``BatchProgress`` that
 :meth:`Batch.refresh` computes.
@@ -23,18 +28,31 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-from celery.backends.base import KeyValueStoreBackend
+from celery.backends.base import BaseKeyValueStoreBackend
 from celery.utils import uuid
 
+from racto_nb.batch_store import index_from_json, index_to_json, mark_revoked, mget_raw
 from racto_nb.errors import TaskFailed
 from racto_nb.models import BatchItem, BatchProgress, TaskResult, TaskStatus
 from racto_nb.publish import publish_many
-from racto_nb.results import cancel_key, manifest_key, read_results
+from racto_nb.results import cancel_key, manifest_key, to_task_result
 
 if TYPE_CHECKING:
     from racto_nb.worker import RactoCeleryWorker
 
+#: ``error_type`` of rows that were never sent (their frame status is ``skipped``).
 SKIPPED_ERROR_TYPE = "NotSent"
+SKIPPED_STATUS = "skipped"
+#: Messages per publish call; cancel stops the publisher between two chunks.
+PUBLISH_CHUNK = 500
+#: How long rows marked REVOKED by cancel() keep being read. A task that checked the cancel
+#: flag just before it was set may write STARTED over the mark a moment later and run; reading
+#: those rows again until this window closes reports what really happened, not the mark.
+RECHECK_S = 1.0
+#: Pause between setting the cancel flag and marking waiting tasks REVOKED, so a task that read
+#: the flag a moment before it was set has written STARTED (and is left alone) by then.
+CANCEL_GRACE_S = 0.05
+MANIFEST_VERSION = 1
 FRAME_COLUMNS = [
     "task_id",
     "status",
@@ -69,6 +87,7 @@ class Batch:
         payloads: list[dict[str, Any] | None],
         reasons: list[str | None],
         created_at: float,
+        groups: list[str] | None = None,
     ) -> None:
         self.worker = worker
         self.batch_id = batch_id
@@ -77,26 +96,34 @@ class Batch:
         self.payloads = payloads
         self.reasons = reasons
         self.created_at = created_at
+        #: Group ids of the publishing rounds: the batch id, then one per retry-failed.
+        self.groups = groups or [batch_id]
         self.cancelled = False
         self.publish_error: BaseException | None = None
-        self._started = time.monotonic()
+        self._sent = [position for position, task_id in enumerate(task_ids) if task_id is not None]
         self._results: list[TaskResult | None] = [None] * len(task_ids)
+        self._raw: list[Any] = [None] * len(task_ids)
         self._lock = threading.RLock()
         self._publishers: list[threading.Thread] = []
+        self._stop_publishing = threading.Event()
         self._submitted = 0
-        self._to_submit = 0
+        self._finished_at: float | None = None
+        self._refresh_cost_s = 0.0
+        # Rows cancel() marked REVOKED, re-read for a moment: see RECHECK_S.
+        self._recheck: set[int] = set()
+        self._recheck_until = 0.0
         for position, reason in enumerate(reasons):
-            if reason is not None:
+            if task_ids[position] is None:
                 self._results[position] = TaskResult(
                     task_id="",
                     status=TaskStatus.FAILURE,
-                    error=reason,
+                    error=reason or "no prompt for this row; row not sent",
                     error_type=SKIPPED_ERROR_TYPE,
                     index=position,
                 )
 
     def __repr__(self) -> str:
-        return f"<Batch {self.batch_id} rows={len(self.task_ids)}>"
+        return f"<Batch {self.batch_id} rows={len(self.task_ids)} tasks={len(self._sent)}>"
 
     # ------------------------------------------------------------------ creation
 
@@ -116,16 +143,24 @@ class Batch:
 
         ``prompts[i] is None`` marks a row that is not sent; ``reasons[i]``
         says why (it becomes the row's error). Nothing is enqueued when any
-        prompt is invalid.
+        prompt is invalid. With ``background=True`` the messages go out from a
+        daemon thread and this returns once the manifest is saved.
         """
         if len(prompts) == 0:
             raise ValueError("nothing to send: the batch has no rows")
         index = pd.RangeIndex(len(prompts)) if index is None else index
         if len(index) != len(prompts):
             raise ValueError(f"index has {len(index)} entries for {len(prompts)} prompts")
-        reasons = list(reasons) if reasons is not None else [None] * len(prompts)
-        reasons = [r if p is not None else (r or "no prompt for this row") for p, r in zip(prompts, reasons, strict=True)]
+        given = list(reasons) if reasons is not None else [None] * len(prompts)
+        if len(given) != len(prompts):
+            raise ValueError(f"reasons has {len(given)} entries for {len(prompts)} prompts")
+        reasons = [
+            None if p is not None else (r or "no prompt for this row; row not sent")
+            for p, r in zip(prompts, given, strict=True)
+        ]
         sendable = [p for p in prompts if p is not None]
+        if not sendable:
+            raise ValueError(f"nothing to send: no row has a prompt ({reasons[0]})")
         checked = iter(worker.batch_payloads(sendable, temperature=temperature, max_tokens=max_tokens))
         payloads: list[dict[str, Any] | None] = []
         for position, prompt in enumerate(prompts):
@@ -143,7 +178,7 @@ class Batch:
             created_at=time.time(),
         )
         batch.save()
-        batch._publish(list(range(len(payloads))), background=background)
+        batch._publish(batch._sent, group_id=batch.batch_id, background=background)
         return batch
 
     @classmethod
@@ -156,110 +191,165 @@ class Batch:
         raw = backend.get(manifest_key(batch_id))
         if raw is None:
             raise LookupError(
-                f"no batch {batch_id!r} in the result backend: check the id, and that this kernel uses "
-                "the same result backend (results expire after the app's result_expires)"
+                f"no batch {batch_id!r} in the result backend: check the id, and that this kernel is "
+                "connected to the same result backend (results expire after the app's result_expires)"
             )
         data = json.loads(raw)
+        owner = data.get("worker", worker.name)
+        if owner != worker.name:
+            raise LookupError(
+                f"batch {batch_id!r} was submitted through the worker named {owner!r}, not {worker.name!r}; "
+                f"attach with that worker (its retries must run the same kit)"
+            )
         batch = cls(
             worker,
             batch_id=batch_id,
-            index=_index_from_json(data["index"]),
+            index=index_from_json(data["index"]),
             task_ids=data["task_ids"],
             payloads=data["payloads"],
             reasons=data["reasons"],
             created_at=data["created_at"],
+            groups=data.get("groups"),
         )
-        batch._submitted = batch._to_submit = sum(t is not None for t in batch.task_ids)
-        batch.cancelled = backend.get(cancel_key(batch_id)) is not None
+        batch._submitted = len(batch._sent)
+        batch.cancelled = backend.get(cancel_key(batch.groups[-1])) is not None
         return batch
 
     def save(self) -> None:
         """Write the manifest to the result backend (same expiry as results)."""
         manifest = {
+            "version": MANIFEST_VERSION,
+            "worker": self.worker.name,
             "task_ids": self.task_ids,
             "payloads": self.payloads,
             "reasons": self.reasons,
-            "index": _index_to_json(self.index),
+            "index": index_to_json(self.index),
             "created_at": self.created_at,
+            "groups": self.groups,
         }
         _kv_backend(self.worker).set(manifest_key(self.batch_id), json.dumps(manifest))
 
     # ------------------------------------------------------------------ publishing
 
-    def _publish(self, positions: list[int], *, background: bool) -> None:
-        sendable = [p for p in positions if self.task_ids[p] is not None]
-        with self._lock:
-            self._to_submit += len(sendable)
-        payloads = [self.payloads[p] for p in sendable]
-        task_ids = [self.task_ids[p] for p in sendable]
+    def _publish(self, positions: Sequence[int], *, group_id: str, background: bool) -> None:
+        task_ids = [self.task_ids[p] or "" for p in positions]
+        payloads = [self.payloads[p] for p in positions]
 
         def send() -> None:
-            base = self._submitted
-
-            def on_sent(count: int) -> None:
-                self._submitted = base + count
-
+            sent = 0
             try:
-                publish_many(
-                    self.worker.app,
-                    self.worker.generate_task,
-                    [(p,) for p in payloads],
-                    [t for t in task_ids if t is not None],
-                    group_id=self.batch_id,
-                    on_sent=on_sent,
-                )
+                for start in range(0, len(task_ids), PUBLISH_CHUNK):
+                    if self._stop_publishing.is_set():
+                        break  # cancel() marks the rest REVOKED once this thread is done
+                    chunk = slice(start, start + PUBLISH_CHUNK)
+                    # One chunk is one pipelined write on Redis: it is in the broker, or none of it is.
+                    publish_many(
+                        self.worker.app,
+                        self.worker.generate_task,
+                        [(p,) for p in payloads[chunk]],
+                        task_ids[chunk],
+                        group_id=group_id,
+                        report_every=PUBLISH_CHUNK,
+                    )
+                    done = min(start + PUBLISH_CHUNK, len(task_ids))
+                    with self._lock:
+                        self._submitted += done - sent
+                    sent = done
             except Exception as exc:  # broker gone mid-way: say so for every unsent row
                 self.publish_error = exc
-                self._mark_unsent(task_ids[self._submitted - base :], exc)
+                self._mark_unsent(task_ids[sent:], exc)
 
-        if background:
-            thread = threading.Thread(target=send, name=f"racto-publish-{self.batch_id[:8]}", daemon=True)
-            self._publishers.append(thread)
-            thread.start()
-        else:
+        if not background:
             send()
+            return
+        thread = threading.Thread(target=send, name=f"racto-publish-{self.batch_id[:8]}", daemon=True)
+        with self._lock:
+            self._publishers = [t for t in self._publishers if t.is_alive()] + [thread]
+        thread.start()
 
-    def _mark_unsent(self, task_ids: Sequence[str | None], exc: BaseException) -> None:
-        failure = TaskFailed(f"not submitted: the broker failed ({exc}); retry the failed rows", "SubmitError")
+    def _mark_unsent(self, task_ids: Sequence[str], exc: BaseException) -> None:
+        failure = TaskFailed(
+            f"not submitted: the broker failed ({exc}); retry the failed rows", "SubmitError"
+        )
         backend = self.worker.app.backend
         for task_id in task_ids:
-            if task_id is not None:
-                try:
-                    backend.store_result(task_id, failure, "FAILURE")
-                except Exception:  # the backend may be down too; refresh will show them PENDING
-                    break
+            try:
+                backend.store_result(task_id, failure, "FAILURE")
+            except Exception:  # the backend may be down too; refresh will show them PENDING
+                break
 
     def join_publisher(self, timeout_s: float | None = None) -> bool:
-        """Wait until every message has been handed to the broker."""
+        """Wait until every message has been handed to the broker; ``False`` if still sending."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for thread in list(self._publishers):
-            thread.join(timeout_s)
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return not any(thread.is_alive() for thread in self._publishers)
 
     # ------------------------------------------------------------------ state
 
-    def refresh(self) -> BatchProgress:
-        """Read the unfinished tasks' states (one MGET per chunk) and summarise."""
+    @property
+    def total(self) -> int:
+        """Tasks in the batch: rows that were sent (skipped rows are not tasks)."""
+        return len(self._sent)
+
+    @property
+    def finished(self) -> bool:
+        """Every task is final, as of the last refresh."""
         with self._lock:
-            open_positions = [
-                position
-                for position, result in enumerate(self._results)
-                if self.task_ids[position] is not None and (result is None or not result.status.is_final)
-            ]
-            task_ids = [self.task_ids[p] or "" for p in open_positions]
-            for position, result in zip(open_positions, read_results(self.worker.app, task_ids), strict=True):
-                payload = self.payloads[position] or {}
+            return all(self._is_final(p) for p in self._sent) and not self._recheck
+
+    def _is_final(self, position: int) -> bool:
+        return self._status(position).is_final
+
+    def _status(self, position: int) -> TaskStatus:
+        result = self._results[position]
+        return TaskStatus.PENDING if result is None else result.status
+
+    def refresh(self) -> BatchProgress:
+        """Read the unfinished tasks' states (one MGET per chunk) and summarise.
+
+        Only values that changed since the last refresh are decoded, so a
+        refresh of 10,000 waiting tasks costs a few MGETs and no JSON parsing.
+        """
+        with self._lock:
+            started = time.perf_counter()
+            backend = _kv_backend(self.worker)
+            recheck = set(self._recheck)
+            if recheck and time.monotonic() >= self._recheck_until:
+                self._recheck.clear()  # this read is their last
+            positions = [p for p in self._sent if not self._is_final(p) or p in recheck]
+            task_ids = [self.task_ids[p] or "" for p in positions]
+            now = time.time()
+            for position, task_id, raw in zip(positions, task_ids, mget_raw(backend, task_ids), strict=True):
+                current = self._results[position]
+                if (
+                    current is not None
+                    and raw == self._raw[position]
+                    and current.status is not TaskStatus.RETRY
+                ):
+                    continue
+                self._raw[position] = raw
+                meta = backend.decode_result(raw) if raw is not None else None
+                result = to_task_result(task_id, meta, now=now)
                 result.index = position
-                result.custom_id = payload.get("custom_id")
+                result.custom_id = (self.payloads[position] or {}).get("custom_id")
                 self._results[position] = result
+            self._refresh_cost_s = time.perf_counter() - started
             return self._progress()
 
     def _progress(self) -> BatchProgress:
         counts = dict.fromkeys(TaskStatus, 0)
-        for result in self._results:
+        for position in self._sent:
+            result = self._results[position]
             counts[result.status if result is not None else TaskStatus.PENDING] += 1
-        elapsed = time.monotonic() - self._started
+        total = len(self._sent)
         done = sum(n for status, n in counts.items() if status.is_final)
-        total = len(self._results)
+        finished = done == total and not self._recheck
+        now = time.time()
+        if finished and self._finished_at is None:
+            self._finished_at = now
+        end = self._finished_at if finished and self._finished_at is not None else now
+        elapsed = max(0.0, end - self.created_at)
         rate = done / elapsed if elapsed > 0 and done else None
         eta = (total - done) / rate if rate else None
         return BatchProgress(
@@ -269,9 +359,9 @@ class Batch:
             elapsed_s=elapsed,
             rate_per_s=rate,
             eta_s=eta,
-            finished=done == total,
+            finished=finished,
             cancelled=self.cancelled,
-            submitted=self._submitted + sum(r is not None for r in self.reasons),
+            submitted=min(self._submitted, total),
         )
 
     def wait(
@@ -282,7 +372,11 @@ class Batch:
         on_progress: Callable[[BatchProgress], None] | None = None,
         stop: threading.Event | None = None,
     ) -> BatchProgress:
-        """Refresh until every row is final, ``timeout_s`` passes or ``stop`` is set."""
+        """Refresh until every task is final, ``timeout_s`` passes or ``stop`` is set.
+
+        The pause between refreshes grows with the cost of a refresh (at least
+        three times it), so polling a huge batch never eats the kernel's CPU.
+        """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             progress = self.refresh()
@@ -290,7 +384,9 @@ class Batch:
                 on_progress(progress)
             if progress.finished or (deadline is not None and time.monotonic() >= deadline):
                 return progress
-            pause = interval_s if deadline is None else max(0.0, min(interval_s, deadline - time.monotonic()))
+            pause = max(interval_s, 3 * self._refresh_cost_s)
+            if deadline is not None:
+                pause = max(0.0, min(pause, deadline - time.monotonic()))
             if stop is not None:
                 if stop.wait(pause):
                     return progress
@@ -298,65 +394,86 @@ class Batch:
                 time.sleep(pause)
 
     def results(self) -> list[TaskResult]:
-        """One ``TaskResult`` per row, in row order, as of the last refresh."""
+        """One ``TaskResult`` per row, in row order, as of the last refresh.
+
+        Skipped rows are ``FAILURE`` with ``error_type="NotSent"`` here and
+        ``skipped`` in :meth:`to_frame`.
+        """
         with self._lock:
             return [
-                (r.model_copy() if r is not None else TaskResult(task_id=t or "", status=TaskStatus.PENDING, index=i))
+                (
+                    r.model_copy()
+                    if r is not None
+                    else TaskResult(task_id=t or "", status=TaskStatus.PENDING, index=i)
+                )
                 for i, (r, t) in enumerate(zip(self._results, self.task_ids, strict=True))
             ]
 
     def to_frame(self) -> pd.DataFrame:
-        """The results as a DataFrame indexed like the source, one row per row."""
-        return results_frame(self.results(), self.index)
+        """The results as a DataFrame indexed like the source, one row per row.
+
+        ``frame.attrs["racto_batch_id"]`` names the batch, so a frame is enough to reattach.
+        """
+        frame = results_frame(self.results(), self.index)
+        frame.attrs["racto_batch_id"] = self.batch_id
+        return frame
 
     # ------------------------------------------------------------------ control
 
     def cancel(self) -> int:
-        """Stop what has not started: returns how many tasks were revoked.
+        """Stop what has not started: returns how many tasks are now revoked.
 
         A flag in the result backend tells every task of this batch not to
         start (it scales past Celery's in-memory revoke list and reaches tasks
-        waiting in a retry countdown); waiting tasks are marked REVOKED now so
-        the view shows it at once. Running calls finish: the threads pool cannot
-        interrupt them.
+        waiting in a retry countdown); the publisher stops; waiting tasks are
+        marked REVOKED now so the view shows it at once. Running calls finish:
+        the threads pool cannot interrupt them.
         """
         backend = _kv_backend(self.worker)
-        backend.set(cancel_key(self.batch_id), "1")
-        self.cancelled = True
         self.refresh()
-        revoked = 0
         with self._lock:
-            for position, result in enumerate(self._results):
-                task_id = self.task_ids[position]
-                if task_id and result is not None and result.status in (TaskStatus.PENDING, TaskStatus.RETRY):
-                    backend.mark_as_revoked(task_id, reason="batch cancelled")
-                    revoked += 1
-        self.refresh()
-        return revoked
+            before = {p for p in self._sent if self._status(p) is TaskStatus.REVOKED}
+        for group in self.groups:
+            backend.set(cancel_key(group), "1")
+        self.cancelled = True
+        self._stop_publishing.set()
+        self.join_publisher(timeout_s=30.0)
+        time.sleep(CANCEL_GRACE_S)
+        with self._lock:
+            self.refresh()
+            waiting = [p for p in self._sent if self._status(p) in (TaskStatus.PENDING, TaskStatus.RETRY)]
+            mark_revoked(backend, [self.task_ids[p] or "" for p in waiting], reason="batch cancelled")
+            self._recheck.update(waiting)
+            self._recheck_until = time.monotonic() + RECHECK_S
+            self.refresh()
+            # Counted from the backend: a worker that met the flag first marked its task itself.
+            return sum(1 for p in self._sent if self._status(p) is TaskStatus.REVOKED and p not in before)
 
     def retry_failed(self, *, background: bool = True) -> int:
         """Resubmit the rows that failed as new tasks in this same batch.
 
-        Rows that were never sent (missing values) and revoked rows stay as
-        they are. Returns how many rows were resubmitted.
+        Skipped rows and revoked rows stay as they are. The new tasks form a
+        new publishing round (group) so the cancel flag of an earlier round
+        keeps its revoked tasks from ever starting. Returns how many rows were
+        resubmitted.
         """
         with self._lock:
-            positions = [
-                position
-                for position, result in enumerate(self._results)
-                if result is not None
-                and result.status is TaskStatus.FAILURE
-                and self.task_ids[position] is not None
-            ]
+            positions = [p for p in self._sent if self._status(p) is TaskStatus.FAILURE]
+            if not positions:
+                return 0
+            self._recheck.difference_update(positions)
             for position in positions:
                 self.task_ids[position] = uuid()
                 self._results[position] = None
-            if not positions:
-                return 0
+                self._raw[position] = None
+            group_id = f"{self.batch_id}.r{len(self.groups)}"
+            self.groups.append(group_id)
             self.cancelled = False
-        _kv_backend(self.worker).delete(cancel_key(self.batch_id))
+            self._finished_at = None
+            self._submitted -= len(positions)
+            self._stop_publishing.clear()
         self.save()
-        self._publish(positions, background=background)
+        self._publish(positions, group_id=group_id, background=background)
         return len(positions)
 
 
@@ -366,10 +483,11 @@ def results_frame(results: Sequence[TaskResult], index: pd.Index) -> pd.DataFram
     for result in results:
         response = result.result if isinstance(result.result, dict) else {}
         usage = response.get("usage") or {}
+        skipped = not result.task_id and result.error_type == SKIPPED_ERROR_TYPE
         rows.append(
             {
                 "task_id": result.task_id or None,
-                "status": result.status.value,
+                "status": SKIPPED_STATUS if skipped else result.status.value,
                 "content": result.content,
                 "parsed": response.get("parsed"),
                 "error": result.error,
@@ -386,35 +504,15 @@ def results_frame(results: Sequence[TaskResult], index: pd.Index) -> pd.DataFram
     frame = pd.DataFrame(rows, columns=FRAME_COLUMNS, index=index)
     for column in ("status_code", "prompt_tokens", "completion_tokens", "total_tokens"):
         frame[column] = frame[column].astype("Int64")
+    frame["latency_s"] = frame["latency_s"].astype("float64")
     return frame
 
 
-def _kv_backend(worker: RactoCeleryWorker) -> KeyValueStoreBackend:
+def _kv_backend(worker: RactoCeleryWorker) -> BaseKeyValueStoreBackend:
     backend = worker.app.backend
-    if not isinstance(backend, KeyValueStoreBackend):
+    if not isinstance(backend, BaseKeyValueStoreBackend):
         raise RuntimeError(
-            f"batches need a key-value result backend (Redis, or cache+memory:// when embedded); "
-            f"this app uses {type(backend).__name__}"
+            f"batches need a key-value result backend (Redis, or the embedded in-process backend); "
+            f"this app uses {type(backend).__name__}: set the app's result_backend to a redis:// URL"
         )
     return backend
-
-
-def _index_to_json(index: pd.Index) -> dict[str, Any]:
-    # JSON, not pickle: the manifest is read back from a shared backend.
-    frame = index.to_frame(index=False)
-    return {
-        "names": [None if n is None else str(n) for n in index.names],
-        "values": json.loads(frame.to_json(orient="values", date_format="iso")),
-        "dtypes": [str(dtype) for dtype in frame.dtypes],
-    }
-
-
-def _index_from_json(data: dict[str, Any]) -> pd.Index:
-    columns = list(zip(*data["values"], strict=True)) if data["values"] else [() for _ in data["names"]]
-    arrays = [
-        pd.Index(list(column), dtype=dtype if dtype != "object" else None)
-        for column, dtype in zip(columns, data["dtypes"], strict=True)
-    ]
-    if len(arrays) == 1:
-        return arrays[0].rename(data["names"][0])
-    return pd.MultiIndex.from_arrays(arrays, names=data["names"])

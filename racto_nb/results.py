@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from celery.backends.base import KeyValueStoreBackend
+from celery.backends.base import BaseKeyValueStoreBackend
 
 from racto_nb.errors import RetryScheduled, TaskFailed, describe
 from racto_nb.models import TaskResult, TaskStatus
@@ -44,7 +44,7 @@ def cancel_key(batch_id: str) -> str:
 
 def read_before_start(backend: Any, task_id: str, batch_id: str | None) -> tuple[dict[str, Any], bool]:
     """A task's stored meta and whether its batch was cancelled, in one round trip."""
-    if not isinstance(backend, KeyValueStoreBackend) or not batch_id:
+    if not isinstance(backend, BaseKeyValueStoreBackend) or not batch_id:
         return backend.get_task_meta(task_id), False
     keys = [backend.get_key_for_task(task_id), cancel_key(batch_id)]
     values = backend.mget(keys)
@@ -58,7 +58,7 @@ def fetch_metas(
     backend: Any, task_ids: Sequence[str], chunk: int = MGET_CHUNK
 ) -> list[dict[str, Any] | None]:
     """Stored meta for each id (``None`` where nothing is stored yet), in order."""
-    if not isinstance(backend, KeyValueStoreBackend):
+    if not isinstance(backend, BaseKeyValueStoreBackend):
         return [backend.get_task_meta(task_id) for task_id in task_ids]
     metas: list[dict[str, Any] | None] = []
     for start in range(0, len(task_ids), chunk):

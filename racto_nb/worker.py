@@ -295,6 +295,10 @@ class RactoCeleryWorker:
         task: Task = self.app.task(
             bind=True,
             name=task_name,
+            # Not shared: a shared task is copied into every Celery app created
+            # later, so a second app's worker of the same name would run this
+            # worker's kit (the first registration wins).
+            shared=False,
             # A worker killed mid-call must not lose the task: acknowledge only
             # after it ran, and requeue when the process running it is lost.
             acks_late=True,

@@ -383,6 +383,9 @@ def test_a_task_survives_a_sigkilled_worker(
     doomed = private_worker(env, repo_root).start()
     handle = client.generate(f"x [case:{unique_case}]")
     poll_until(client, handle.id, TaskStatus.STARTED)
+    deadline = time.monotonic() + 10
+    while fake_openai.count(unique_case) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the call is in flight at the provider: now kill its worker
     doomed.kill()
 
     with private_worker(env, repo_root):

@@ -1,0 +1,143 @@
+"""A real Celery worker in a daemon thread of this process: the no-setup mode.
+
+A fresh notebook has no Redis and no worker processes, and a worker process
+could not import the notebook's kit anyway. So the embedded mode runs Celery's
+own ``WorkController`` (consumer, thread pool, acks, retries, remote control)
+in a thread, on racto_nb's in-process transport. Everything downstream (task
+bodies, retries, batch bookkeeping, progress) is the code path a fleet runs;
+only the wire is shorter. ``task_always_eager`` would skip the broker, the
+retry countdowns and the result states, which is exactly what must be real.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+from celery import Celery
+from celery import _state as celery_state
+from celery.result import _set_task_join_will_block
+from celery.worker import WorkController
+from celery.worker import state as worker_state
+
+from racto_nb.memory import interrupt_consumers
+
+__all__ = ["EmbeddedWorker"]
+
+_QUIET_LOGGER = "celery.app.trace"
+
+
+class _Controller(WorkController):  # type: ignore[misc]
+    """``WorkController`` that says when its consumer takes tasks."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.ready = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def on_consumer_ready(self, consumer: Any) -> None:
+        self.ready.set()
+
+
+class EmbeddedWorker:
+    """Start and stop one thread-pool Celery worker for ``app`` inside this process.
+
+    Stopping is a warm shutdown: tasks already running finish; tasks still
+    queued stay in the in-process queue (and run if a worker starts again on
+    the same app).
+    """
+
+    def __init__(self, app: Celery, *, concurrency: int = 8, hostname: str | None = None) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, not {concurrency}")
+        self.app = app
+        self.concurrency = concurrency
+        self.hostname = hostname or f"racto-embedded-{os.getpid()}@{socket.gethostname()}"
+        self._controller: _Controller | None = None
+        self._thread: threading.Thread | None = None
+        self._quieted: int | None = None
+        self._previous_default: Celery | None = None
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_alive() else "stopped"
+        return f"EmbeddedWorker({self.hostname!r}, concurrency={self.concurrency}, {state})"
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, timeout_s: float = 10.0) -> EmbeddedWorker:
+        """Start the worker thread; return once its consumer takes tasks."""
+        if self.is_alive():
+            return self
+        self._quiet_task_logs()
+        # The threads pool runs each task through ``current_app`` (as a CLI
+        # worker does), so this app must be the process default while it runs.
+        self._previous_default = celery_state.default_app
+        self.app.set_default()
+        controller = _Controller(
+            app=self.app,
+            hostname=self.hostname,
+            concurrency=self.concurrency,
+            pool="threads",
+            loglevel="WARNING",
+            without_heartbeat=True,
+            without_mingle=True,
+            without_gossip=True,
+        )
+        thread = threading.Thread(target=controller.start, name=f"racto-embedded:{self.hostname}", daemon=True)
+        self._controller, self._thread = controller, thread
+        thread.start()
+        step = 0.01
+        waited = 0.0
+        while not controller.ready.wait(step):
+            waited += step
+            if not thread.is_alive() or waited >= timeout_s:
+                self.stop(timeout_s=2.0)
+                raise RuntimeError(
+                    f"the embedded Celery worker did not start within {timeout_s:g} s "
+                    f"(thread {'died' if not thread.is_alive() else 'still starting'}); "
+                    "see the 'celery' logger output above"
+                )
+        # The pool marks the whole process as "inside a task", which makes
+        # AsyncResult.get() in the notebook raise; Celery's own embedded-worker
+        # helper clears the flag the same way.
+        _set_task_join_will_block(False)
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Warm shutdown: running tasks finish, then the thread exits. Safe to call twice."""
+        thread, self._thread = self._thread, None
+        self._controller = None
+        if thread is not None and thread.is_alive():
+            # Celery's own embedded-worker helper stops a threaded worker this
+            # way: the consumer loop raises WorkerShutdown when it sees the flag.
+            worker_state.should_stop = 0
+            try:
+                with interrupt_consumers():
+                    thread.join(timeout_s)
+            finally:
+                worker_state.should_stop = None
+            if thread.is_alive():
+                raise RuntimeError(
+                    f"the embedded worker did not stop within {timeout_s:g} s: a task is still running "
+                    "(the thread pool cannot interrupt a call; set a shorter kit timeout)"
+                )
+        self._restore_task_logs()
+        if celery_state.default_app is self.app:
+            celery_state.default_app = self._previous_default
+        self._previous_default = None
+
+    def _quiet_task_logs(self) -> None:
+        # A failed row is reported in its TaskResult; Celery's ERROR line for it
+        # would land in whatever notebook cell happens to be running.
+        logger = logging.getLogger(_QUIET_LOGGER)
+        if logger.level == logging.NOTSET:
+            self._quieted = logger.level
+            logger.setLevel(logging.CRITICAL)
+
+    def _restore_task_logs(self) -> None:
+        if self._quieted is not None:
+            logging.getLogger(_QUIET_LOGGER).setLevel(self._quieted)
+            self._quieted = None

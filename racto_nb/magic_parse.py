@@ -1,0 +1,92 @@
+"""Turning a magic's line into arguments, and bad input into one-line ``UsageError``s.
+
+The one piece of syntax of our own: a line magic may start with a Python
+expression (``%racto_batch df["review"] --out labels``). The expression is
+the longest prefix before an option that compiles, so brackets, quotes and
+spaces inside it need no escaping. Everything after it is split like a shell
+line (quotes group words and are removed) and read by the magic's
+``magic_arguments`` parser. IPython's own ``{var}`` expansion is off for
+these magics (``@no_var_expand``): braces belong to templates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shlex
+from collections.abc import Iterator
+from typing import Any
+
+from IPython.core.error import UsageError
+
+from racto_nb.templates import TemplateError
+
+__all__ = ["check_name", "evaluate", "parse_line", "series_parent", "split_expr", "usage_errors"]
+
+_OPTION_START = re.compile(r"(?:^|(?<=\s))--?[A-Za-z]")
+_COLUMN_OF = re.compile(r"""^\s*([A-Za-z_]\w*)\s*(?:\[\s*(['"])(.+?)\2\s*\]|\.([A-Za-z_]\w*))\s*$""")
+
+
+def split_expr(line: str) -> tuple[str, str]:
+    """``(expression, options)``: the expression ends where an option starts and it compiles."""
+    for match in _OPTION_START.finditer(line):
+        head = line[: match.start()].strip()
+        if not head or _compiles(head):
+            return head, line[match.start() :]
+    return line.strip(), ""
+
+
+def _compiles(code: str) -> bool:
+    try:
+        compile(code, "<racto expression>", "eval")
+    except SyntaxError:
+        return False
+    return True
+
+
+def parse_line(magic: Any, line: str, *, with_expr: bool) -> Any:
+    """Parse ``line`` with ``magic``'s ``magic_arguments`` parser; ``args.expr`` holds the expression."""
+    expr, options = split_expr(line) if with_expr else ("", line)
+    try:
+        argv = shlex.split(options, posix=True)
+    except ValueError as exc:
+        raise UsageError(f"cannot read the options: {exc} (check the quotes)") from None
+    args = magic.parser.parse_args(argv)  # its error() raises UsageError
+    if with_expr:
+        args.expr = expr
+    return args
+
+
+def evaluate(shell: Any, expr: str) -> Any:
+    """The value of ``expr`` in the user's namespace."""
+    try:
+        return shell.ev(expr)
+    except Exception as exc:
+        raise UsageError(f"cannot evaluate {expr!r}: {type(exc).__name__}: {exc}") from None
+
+
+def series_parent(shell: Any, expr: str) -> Any:
+    """For ``df["col"]`` or ``df.col``: the frame ``df``, so write-back and custom ids reach it."""
+    match = _COLUMN_OF.match(expr)
+    if match is None:
+        return None
+    import pandas as pd
+
+    parent = shell.user_ns.get(match.group(1))
+    return parent if isinstance(parent, pd.DataFrame) else None
+
+
+def check_name(name: str | None, option: str) -> None:
+    """A variable name given with ``--out`` must be one Python accepts."""
+    if name is not None and not name.isidentifier():
+        raise UsageError(f"{option} needs a variable name, e.g. {option} labels (got {name!r})")
+
+
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """Bad input becomes a one-line ``UsageError`` (shown without a traceback), as jupysql does."""
+    try:
+        yield
+    except (TemplateError, ValueError, LookupError, TypeError) as exc:
+        text = "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+        raise UsageError(text or type(exc).__name__) from None

@@ -1,0 +1,145 @@
+"""The IPython magics. This class only declares arguments and calls :mod:`racto_nb.magic_cmd`.
+
+``%load_ext racto_nb`` registers:
+
+* ``%racto_connect [URL]``: connect to a broker (no URL: an embedded worker).
+* ``%%racto_generate [options]``: the body is one prompt, ``{name}`` filled from
+  the notebook's variables.
+* ``%racto_batch EXPR [options]`` and ``%%racto_batch EXPR [options]`` (the
+  body is the template): one task per row, a DataFrame back.
+
+To add a magic: declare it here with its ``@argument``s and write one
+function in :mod:`racto_nb.magic_cmd` (``%racto_workers``/``%racto_status``
+go the same way over :mod:`racto_nb.fleet`).
+
+Settings: ``%config RactoMagics.progress = "text"`` picks the progress view
+when ``--progress`` is not given (``"text"`` suits nbconvert, where widgets
+keep no state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from IPython.core import magic, magic_arguments
+from IPython.core.magic import Magics
+from traitlets import Enum
+
+from racto_nb import magic_cmd
+from racto_nb.display import PROGRESS_CHOICES, ProgressChoice
+from racto_nb.magic_parse import parse_line
+from racto_nb.templates import MISSING_RULES
+
+__all__ = ["RactoMagics", "load_ipython_extension", "unload_ipython_extension"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _typed(decorator: Any) -> Callable[[F], F]:
+    # IPython's magic decorators are untyped; each returns the function, or a wrapper with its signature.
+    return cast("Callable[[F], F]", decorator)
+
+
+def argument(*names: str, **options: Any) -> Callable[[F], F]:
+    """``magic_arguments.argument``, typed."""
+    make: Any = magic_arguments.argument
+    return _typed(make(*names, **options))
+
+
+def arguments() -> Callable[[F], F]:
+    """``magic_arguments.magic_arguments()``, typed: builds the parser from the ``@argument``s below it."""
+    make: Any = magic_arguments.magic_arguments
+    return _typed(make())
+
+
+no_var_expand = _typed(magic.no_var_expand)
+line_magic = _typed(magic.line_magic)
+cell_magic = _typed(magic.cell_magic)
+line_cell_magic = _typed(magic.line_cell_magic)
+
+
+@_typed(magic.magics_class)
+class RactoMagics(Magics):
+    """Fan LLM calls out to a Celery fleet from a notebook."""
+
+    progress = Enum(
+        list(PROGRESS_CHOICES),
+        default_value="auto",
+        help="Progress view when --progress is not given: auto (widgets in a kernel), widget, text, none.",
+    ).tag(config=True)
+
+    def _progress(self, chosen: str | None) -> ProgressChoice:
+        return cast(ProgressChoice, chosen or str(self.progress))
+
+    @no_var_expand
+    @arguments()
+    @argument(
+        "url", nargs="?", help="Broker URL, e.g. redis://127.0.0.1:6379/0; none for an embedded worker."
+    )
+    @line_magic
+    def racto_connect(self, line: str) -> None:
+        """Connect the magics (and racto_nb's API) to a worker fleet."""
+        magic_cmd.connect(self.shell, parse_line(self.racto_connect, line, with_expr=False))
+
+    @no_var_expand
+    @arguments()
+    @argument("--out", "-o", help="Store the TaskResult in this variable.")
+    @argument("--temperature", type=float, default=0.0, help="Sampling temperature (default 0).")
+    @argument("--max-tokens", type=int, default=4096, help="Token budget of the answer (default 4096).")
+    @argument("--system", help="System prompt, sent as a system message.")
+    @argument("--timeout", type=float, help="Stop waiting after this many seconds (the task runs on).")
+    @argument("--no-wait", action="store_true", help="Return at once; --out is filled when the task ends.")
+    @argument("--progress", choices=PROGRESS_CHOICES, help="Status view: auto, widget, text or none.")
+    @cell_magic
+    def racto_generate(self, line: str, cell: str) -> None:
+        """The cell body is the prompt; {name} is filled from your variables ({{ }} for braces)."""
+        args = parse_line(self.racto_generate, line, with_expr=False)
+        magic_cmd.generate(self.shell, args, cell, progress=self._progress(args.progress))
+
+    @no_var_expand
+    @arguments()
+    @argument("expr", nargs="?", help="A Series (df['review']), a DataFrame, or a list of str.")
+    @argument("--template", "-t", help="Prompt template naming columns, e.g. 'Classify: {review}'.")
+    @argument("--out", "-o", help="Store the result DataFrame in this variable.")
+    @argument("--write-back", metavar="COL", help="Add the content as column COL of the source frame.")
+    @argument("--custom-id", metavar="COL", help="Column whose values become the items' custom ids.")
+    @argument(
+        "--on-missing",
+        choices=MISSING_RULES,
+        default="skip",
+        help="A missing value: skip the row (default), render it empty, or raise.",
+    )
+    @argument("--temperature", type=float, default=0.0, help="Sampling temperature (default 0).")
+    @argument("--max-tokens", type=int, default=4096, help="Token budget per answer (default 4096).")
+    @argument("--background", action="store_true", help="Return at once; --out is filled when it ends.")
+    @argument("--timeout", type=float, help="Stop waiting after this many seconds (the batch runs on).")
+    @argument("--attach", metavar="ID", help="Rebuild batch ID from the result backend.")
+    @argument("--cancel", action="store_true", help="With --attach: revoke what has not started.")
+    @argument("--progress", choices=PROGRESS_CHOICES, help="Progress view: auto, widget, text or none.")
+    @line_cell_magic
+    def racto_batch(self, line: str, cell: str | None = None) -> Any:
+        """One LLM call per row; a DataFrame indexed like the input comes back."""
+        args = parse_line(self.racto_batch, line, with_expr=True)
+        return magic_cmd.batch(self.shell, args, cell, progress=self._progress(args.progress))
+
+
+_MAGIC_NAMES = {"line": ("racto_connect", "racto_batch"), "cell": ("racto_generate", "racto_batch")}
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext racto_nb``: register the magics and make them ``%config``-urable."""
+    magics = cast(Any, RactoMagics)(shell=ipython)
+    ipython.register_magics(magics)
+    if magics not in ipython.configurables:
+        ipython.configurables.append(magics)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext racto_nb``: remove what :func:`load_ipython_extension` registered."""
+    table = ipython.magics_manager.magics
+    for kind, names in _MAGIC_NAMES.items():
+        for name in names:
+            table[kind].pop(name, None)
+    ipython.magics_manager.registry.pop(RactoMagics.__name__, None)
+    ipython.configurables[:] = [c for c in ipython.configurables if not isinstance(c, RactoMagics)]

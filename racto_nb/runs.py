@@ -1,0 +1,380 @@
+"""Watching work that is out on the fleet: a batch (``BatchRun``) or one task (``TaskRun``).
+
+A run owns the view and the thread (if any) that keeps it current, and the
+moment the work ends: the result frame is built, written back, handed to
+``on_done`` (the magics fill the user's variable there), and the thread exits.
+Blocking and background modes are the same loop, run in the cell's thread or
+in a daemon thread; the view's own ``CellContext`` makes widget updates from
+that thread carry the cell's parent header under ipykernel 7 (ipywidgets
+#4001/#4020).
+
+No asyncio: Celery, redis-py and the views are synchronous, so a plain thread
+is enough and nest-asyncio is never needed (it is for running an event loop
+inside the kernel's own, which nothing here does).
+
+Leaving nothing behind: a watcher thread ends when its batch ends, when it is
+cancelled and the running tasks have finished, on :meth:`BatchRun.stop_watching`,
+or when the wait times out. Reads are MGETs; nothing subscribes to pub/sub.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from racto_nb.batch import Batch
+from racto_nb.display import (
+    ContentOutput,
+    ProgressChoice,
+    StatusView,
+    batch_ended_early,
+    batch_started,
+    make_batch_view,
+    notice,
+    task_ended_early,
+)
+from racto_nb.models import BatchProgress, TaskResult, TaskStatus
+from racto_nb.progress import NullProgressView, ProgressView, WidgetProgressView
+
+if TYPE_CHECKING:
+    from racto_nb.worker import RactoCeleryWorker
+
+__all__ = ["BatchRun", "TaskRun", "wait_task"]
+
+DEFAULT_INTERVAL_S = 0.25
+
+
+class BatchRun:
+    """A batch plus the view and watcher that follow it until it ends.
+
+    ``done`` is set when every task is final; :meth:`result` is then the
+    DataFrame (the same object after a retry-failed round: it is updated in
+    place, so a variable holding it sees the retried rows). ``on_done(frame)``
+    runs each time the batch ends, from whichever thread saw it end.
+    """
+
+    def __init__(
+        self,
+        batch: Batch,
+        *,
+        progress: ProgressChoice | ProgressView = "auto",
+        title: str = "",
+        on_done: Callable[[pd.DataFrame], object] | None = None,
+        write_back: tuple[pd.DataFrame, str] | None = None,
+        interval_s: float = DEFAULT_INTERVAL_S,
+    ) -> None:
+        self.batch = batch
+        self.on_done = on_done
+        self.write_back = write_back
+        self.interval_s = interval_s
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.view = make_batch_view(
+            progress, on_cancel=self.cancel, on_retry_failed=self.retry_failed, title=title
+        )
+        self._frame: pd.DataFrame | None = None
+        self._last: BatchProgress | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.RLock()
+        self._rounds = 0
+        self._view_closed = False
+
+    def __repr__(self) -> str:
+        last = self._last
+        state = "done" if self.done.is_set() else "running"
+        counts = f", {last.done}/{last.total} final" if last is not None else ""
+        return f"<BatchRun {self.batch_id}: {state}{counts}>"
+
+    @property
+    def batch_id(self) -> str:
+        """The id to reattach with (``%racto_batch --attach ID``)."""
+        return self.batch.batch_id
+
+    @property
+    def watching(self) -> bool:
+        """A background watcher thread is following the batch."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    # ------------------------------------------------------------------ showing
+
+    def show(self) -> None:
+        """Display the view; call it in the cell's own thread, before watching starts."""
+        self.view.display()
+        if not isinstance(self.view, (WidgetProgressView, NullProgressView)):
+            notice(batch_started(self.batch_id, rows=len(self.batch.task_ids), tasks=self.batch.total))
+
+    def _draw(self, progress: BatchProgress) -> None:
+        self._last = progress
+        self.view.update(progress)
+
+    def _close_view(self, progress: BatchProgress | None) -> None:
+        if not self._view_closed:
+            self._view_closed = True
+            self.view.close(progress)
+
+    # ------------------------------------------------------------------ waiting
+
+    def wait(self, timeout_s: float | None = None) -> pd.DataFrame:
+        """Follow the batch in this thread until it ends; returns the result frame.
+
+        On timeout: the frame as it is (unfinished rows keep their real status)
+        and a notice with the batch id. On KeyboardInterrupt: the view is
+        closed, publishing is finished (so every row is in the broker and the
+        batch can be reattached), a notice says how to reattach or cancel, and
+        the interrupt is re-raised so the cells queued after this one do not
+        run on a partial result. The batch itself keeps running.
+        """
+        try:
+            progress = self.batch.wait(
+                timeout_s=timeout_s, interval_s=self.interval_s, on_progress=self._draw
+            )
+        except KeyboardInterrupt:
+            self._close_view(self._last)
+            try:
+                self.batch.join_publisher()
+            finally:
+                notice(batch_ended_early(self.batch_id, self._last, why="Interrupted"))
+            raise
+        if progress.finished:
+            return self._finish(progress)
+        self._close_view(progress)
+        notice(batch_ended_early(self.batch_id, progress, why=f"Timed out after {timeout_s:g} s"))
+        return self.batch.to_frame()
+
+    def watch_in_background(self, timeout_s: float | None = None) -> None:
+        """Follow the batch from a daemon thread; returns at once. No-op while one is watching."""
+        with self._lock:
+            if self.watching:
+                return
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._watch, args=(timeout_s,), name=f"racto-watch-{self.batch_id[:8]}", daemon=True
+            )
+            self._thread.start()
+
+    def _watch(self, timeout_s: float | None) -> None:
+        try:
+            progress = self.batch.wait(
+                timeout_s=timeout_s, interval_s=self.interval_s, on_progress=self._draw, stop=self._stop
+            )
+            if progress.finished:
+                self._finish(progress)
+            else:
+                self._close_view(progress)
+        except Exception as exc:  # the backend went away: keep it for result(), never print from a thread
+            self.error = exc
+            self._close_view(self._last)
+            self.done.set()
+
+    def stop_watching(self, timeout_s: float | None = 10.0) -> None:
+        """Stop the background watcher (the batch keeps running) and freeze the view."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
+        self._close_view(self._last)
+
+    def _finish(self, progress: BatchProgress) -> pd.DataFrame:
+        with self._lock:
+            self._draw(progress)
+            frame = self.batch.to_frame()
+            if self._frame is None:
+                self._frame = frame
+            else:  # a retry round ended: same object, so variables holding it see the new rows
+                for column in frame.columns:
+                    self._frame[column] = frame[column].array
+            if self.write_back is not None:
+                target, column = self.write_back
+                target[column] = self._frame["content"].to_numpy()
+            failures = progress.count(TaskStatus.FAILURE)
+            if not (failures and self._rounds == 0 and isinstance(self.view, WidgetProgressView)):
+                self._close_view(progress)  # else stay live: the Retry-failed button may restart it
+            result = self._frame
+            self.done.set()
+        if self.on_done is not None:
+            try:
+                self.on_done(result)
+            except Exception as exc:
+                self.error = exc
+        return result
+
+    # ------------------------------------------------------------------ results and control
+
+    def result(self) -> pd.DataFrame:
+        """The final frame.
+
+        Raises:
+            RuntimeError: while the batch runs (naming what to call instead),
+                or with the error that stopped the watcher.
+        """
+        if self.error is not None:
+            raise RuntimeError(f"watching batch {self.batch_id} failed: {self.error!r}") from self.error
+        if self._frame is None or not self.done.is_set():
+            raise RuntimeError(
+                f"batch {self.batch_id} is still running: wait with run.done.wait(), or look at the rows "
+                "so far with run.frame()"
+            )
+        return self._frame
+
+    def frame(self) -> pd.DataFrame:
+        """The rows as they are now (refreshed first), finished or not."""
+        if not self.done.is_set():
+            self._last = self.batch.refresh()
+        return self.batch.to_frame()
+
+    def cancel(self) -> int:
+        """Revoke every task that has not started; returns how many. Running ones finish.
+
+        The batch then ends once the running tasks finish; a watcher follows it
+        there (started if none is running) so ``on_done`` still fills the result.
+        """
+        revoked = self.batch.cancel()
+        if not self.done.is_set():
+            self.watch_in_background()
+        return revoked
+
+    def retry_failed(self) -> int:
+        """Resubmit the failed rows into this same batch and follow them; returns how many."""
+        count = self.batch.retry_failed()
+        if count:
+            self._rounds += 1
+            self.done.clear()
+            self.watch_in_background()
+        return count
+
+
+class TaskRun:
+    """One ``generate`` task followed in the background; ``done`` is set when it is final."""
+
+    def __init__(
+        self,
+        worker: RactoCeleryWorker,
+        task_id: str,
+        line: StatusView,
+        *,
+        output: ContentOutput | None = None,
+        on_done: Callable[[TaskResult], object] | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        self.worker = worker
+        self.task_id = task_id
+        self.line = line
+        self.output = output
+        self.on_done = on_done
+        self.timeout_s = timeout_s
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self._result: TaskResult | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=f"racto-task-{task_id[:8]}", daemon=True)
+
+    def __repr__(self) -> str:
+        state = self._result.status.value if self._result is not None else "pending"
+        return f"<TaskRun {self.task_id}: {state}>"
+
+    @property
+    def watching(self) -> bool:
+        """The watcher thread is alive."""
+        return self._thread.is_alive()
+
+    def start(self) -> None:
+        """Start following the task from a daemon thread."""
+        self._thread.start()
+
+    def _watch(self) -> None:
+        try:
+            final = _poll_task(self.worker, self.task_id, self.line, self.timeout_s, self._stop)
+        except Exception as exc:
+            self.error = exc
+            self.line.close(None)
+            self.done.set()
+            return
+        self._result = final
+        self.line.close(final)
+        if final.status.is_final:
+            if self.output is not None:
+                self.output.show(final)
+            self.done.set()
+            if self.on_done is not None:
+                self.on_done(final)
+
+    def stop_watching(self, timeout_s: float | None = 10.0) -> None:
+        """Stop following the task (it keeps running on the workers)."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+    def result(self) -> TaskResult:
+        """The final ``TaskResult``; raises while the task runs."""
+        if self.error is not None:
+            raise RuntimeError(f"watching task {self.task_id} failed: {self.error!r}") from self.error
+        if self._result is None or not self.done.is_set():
+            raise RuntimeError(
+                f"task {self.task_id} is still running: wait with run.done.wait(), or read its state now "
+                f"with racto_nb.api.get_result({self.task_id!r})"
+            )
+        return self._result
+
+
+def wait_task(
+    worker: RactoCeleryWorker, task_id: str, line: StatusView, timeout_s: float | None
+) -> TaskResult:
+    """Follow one task in this thread, drawing ``line``; the ``wait`` half of ``generate``.
+
+    A timeout returns the task's real state with ``error_type="WaitTimeout"``; an
+    interrupt closes the line, says how to fetch the result later and re-raises.
+    """
+    seen: list[TaskResult] = []
+    try:
+        final = _poll_task(worker, task_id, line, timeout_s, None, seen)
+    except KeyboardInterrupt:
+        line.close(None)
+        notice(task_ended_early(task_id, seen[-1] if seen else None, why="Interrupted"))
+        raise
+    line.close(final)
+    if not final.status.is_final:
+        notice(task_ended_early(task_id, final, why=f"Timed out after {timeout_s:g} s"))
+    return final
+
+
+def _poll_task(
+    worker: RactoCeleryWorker,
+    task_id: str,
+    line: StatusView,
+    timeout_s: float | None,
+    stop: threading.Event | None,
+    seen: list[TaskResult] | None = None,
+) -> TaskResult:
+    # A single GET per look; quick looks first so a fast answer is not held back by the poll.
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    pause = 0.02
+    while True:
+        result = worker.get_result(task_id)
+        if seen is not None:
+            seen[:] = [result]  # the latest only: a long wait must not grow a list
+        line.update(result)
+        if result.status.is_final:
+            return result
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return _timed_out(result, timeout_s)
+        wait = pause if remaining is None else min(pause, remaining)
+        if stop is not None:
+            if stop.wait(wait):
+                return result
+        else:
+            time.sleep(wait)
+        pause = min(pause * 1.5, DEFAULT_INTERVAL_S)
+
+
+def _timed_out(result: TaskResult, timeout_s: Any) -> TaskResult:
+    cut = result.model_copy()
+    cut.error = f"wait timed out after {timeout_s:g} s; the task is still {cut.status.value}"
+    cut.error_type = "WaitTimeout"
+    return cut
