@@ -358,6 +358,8 @@ class RactoCeleryWorker:
         # broker (a STARTED record for this same attempt means its worker died
         # mid-call) and batch cancel that reaches tasks in a retry countdown.
         previous, cancelled = read_before_start(task.backend, task.request.id, task.request.group)
+        if previous.get("status") == "REVOKED":
+            raise Ignore()  # revoked by a batch cancel while this message waited: never run it
         if cancelled:
             task.backend.mark_as_revoked(task.request.id, reason="batch cancelled", request=task.request)
             raise Ignore()
