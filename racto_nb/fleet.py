@@ -26,6 +26,7 @@ from racto_nb.workers import WorkerPool, WorkerProcess
 
 __all__ = [
     "DEFAULT_APP",
+    "EmbeddedBrokerError",
     "FleetStatus",
     "WorkerInfo",
     "running_workers",
@@ -89,6 +90,10 @@ def running_workers() -> list[WorkerProcess]:
     return [w for w in _started if w.is_alive()]
 
 
+class EmbeddedBrokerError(RuntimeError):
+    """Worker processes were asked for while the kernel's broker lives in the kernel."""
+
+
 def _broker_env() -> dict[str, str]:
     current = connection._current
     if current is not None:
@@ -98,7 +103,7 @@ def _broker_env() -> dict[str, str]:
         cfg = load_config()
         broker, backend = cfg.broker_url or "", cfg.result_backend
     if is_embedded_url(broker or None):
-        raise RuntimeError(
+        raise EmbeddedBrokerError(
             "worker processes need a broker they can reach, and this kernel runs embedded (in-process). "
             "Start Redis (`redis-server --daemonize yes`) and call "
             "racto_nb.connect('redis://127.0.0.1:6379/0') first, or set "

@@ -14,12 +14,17 @@ from typing import Any
 import pandas as pd
 from IPython.core.error import UsageError
 
-from racto_nb import api
+from racto_nb import api, fleet
 from racto_nb.display import ProgressChoice, notice, show_content
 from racto_nb.magic_parse import check_name, evaluate, series_parent, usage_errors
+from racto_nb.progress import ipython_display
 from racto_nb.templates import interpolate
+from racto_nb.workers import WorkerProcess
 
-__all__ = ["batch", "connect", "generate"]
+__all__ = ["batch", "connect", "generate", "status", "workers"]
+
+#: ``%racto_workers`` subcommands; no subcommand lists, as ``list`` does.
+WORKER_ACTIONS = ("start", "stop", "list")
 
 
 class _Slot:
@@ -188,3 +193,83 @@ def _template(option: str | None, cell: str | None) -> str | None:
     if not body:
         raise UsageError("the cell body is the template and it is empty; e.g. Classify: {review}")
     return body
+
+
+def workers(shell: Any, args: Any) -> None:
+    """``%racto_workers [start [N] | stop | list] [--concurrency C]``: local worker processes for this kernel."""
+    action = args.action or "list"
+    if action not in WORKER_ACTIONS:
+        raise UsageError(
+            f"unknown subcommand {action!r}: use %racto_workers start [N] [--concurrency C], "
+            "%racto_workers stop, or %racto_workers [list]"
+        )
+    if action != "start" and (args.n is not None or args.concurrency is not None):
+        raise UsageError(f"N and --concurrency go with start, not {action}: %racto_workers start 2 --concurrency 8")
+    if action == "start":
+        _start_workers(1 if args.n is None else args.n, args.concurrency)
+    elif action == "stop":
+        count = fleet.stop_workers()
+        notice(f"stopped {_workers_word(count)}" + ("" if count else ": none started from this kernel was running"))
+    else:
+        running = fleet.running_workers()
+        if not running:
+            notice("no workers started from this kernel are running; start some: %racto_workers start 2")
+        for process in running:
+            notice(_worker_line(process))
+
+
+def _start_workers(n: int, concurrency: int | None) -> None:
+    if n < 1:
+        raise UsageError(f"N must be at least 1 (got {n}): %racto_workers start 2")
+    if concurrency is not None and concurrency < 1:
+        raise UsageError(f"--concurrency must be at least 1 (got {concurrency})")
+    with usage_errors():
+        try:
+            # No --concurrency: fleet's default, so that it is written in one place.
+            started = (
+                fleet.start_workers(n) if concurrency is None else fleet.start_workers(n, concurrency=concurrency)
+            )
+        except fleet.EmbeddedBrokerError:
+            # Name the magic to run, not the Python call fleet's message names.
+            raise UsageError(
+                "this kernel runs embedded (in-process), which worker processes cannot reach: "
+                "%racto_connect redis://127.0.0.1:6379/0 first (start Redis with `redis-server --daemonize yes`)"
+            ) from None
+        except RuntimeError as exc:
+            # A worker died or never got ready: its log's tail, in the message, is
+            # what the user needs, not a traceback through this module.
+            raise UsageError(str(exc)) from None
+    for process in started:
+        notice(_worker_line(process))
+
+
+def _worker_line(process: WorkerProcess) -> str:
+    return f"{process.nodename or process.hostname}  pid {process.pid}  log {process.log_path}"
+
+
+def _workers_word(count: int) -> str:
+    return f"{count} worker" + ("" if count == 1 else "s")
+
+
+def status(shell: Any, args: Any) -> None:
+    """``%racto_status [URL] [--timeout S]``: display the fleet's state; an unreachable broker is shown, not raised."""
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout must be a number of seconds > 0 (got {args.timeout:g})")
+    with usage_errors():
+        report = fleet.status(args.url or None, timeout_s=args.timeout)
+    ipython_display(_TextAndHtml(str(report), report._repr_html_()))
+
+
+class _TextAndHtml:
+    """Both renderings in one display, so each front-end picks what it can show.
+
+    A notebook shows the HTML table; a terminal, ``nbconvert --to script`` or a
+    log keeps the text. Displaying the ``FleetStatus`` itself would give those
+    the pydantic ``repr`` instead of the table.
+    """
+
+    def __init__(self, text: str, html: str) -> None:
+        self._bundle = {"text/plain": text, "text/html": html}
+
+    def _repr_mimebundle_(self, include: object = None, exclude: object = None) -> dict[str, str]:
+        return dict(self._bundle)

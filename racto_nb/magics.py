@@ -7,10 +7,15 @@
   the notebook's variables.
 * ``%racto_batch EXPR [options]`` and ``%%racto_batch EXPR [options]`` (the
   body is the template): one task per row, a DataFrame back.
+* ``%racto_workers start [N] [--concurrency C]``, ``%racto_workers stop``,
+  ``%racto_workers``: local ``celery -A racto_nb.app worker`` processes on the
+  broker this kernel is connected to (start, stop, list).
+* ``%racto_status [URL] [--timeout S]``: broker reachable, workers online with
+  their concurrency, queue depth; a dead broker is shown within the timeout.
 
 To add a magic: declare it here with its ``@argument``s and write one
-function in :mod:`racto_nb.magic_cmd` (``%racto_workers``/``%racto_status``
-go the same way over :mod:`racto_nb.fleet`).
+function in :mod:`racto_nb.magic_cmd` (as ``%racto_workers`` and
+``%racto_status`` do over :mod:`racto_nb.fleet`).
 
 Settings: ``%config RactoMagics.progress = "text"`` picks the progress view
 when ``--progress`` is not given (``"text"`` suits nbconvert, where widgets
@@ -123,8 +128,35 @@ class RactoMagics(Magics):
         args = parse_line(self.racto_batch, line, with_expr=True)
         return magic_cmd.batch(self.shell, args, cell, progress=self._progress(args.progress))
 
+    @no_var_expand
+    @arguments()
+    @argument(
+        "action",
+        nargs="?",
+        metavar="start|stop|list",
+        help="start N workers, stop the ones this kernel started, or list them (the default).",
+    )
+    @argument("n", nargs="?", type=int, metavar="N", help="With start: how many workers (default 1).")
+    @argument("--concurrency", "-c", type=int, help="With start: threads per worker (default 32).")
+    @line_magic
+    def racto_workers(self, line: str) -> None:
+        """Start, stop or list local worker processes on the broker this kernel is connected to."""
+        magic_cmd.workers(self.shell, parse_line(self.racto_workers, line, with_expr=False))
 
-_MAGIC_NAMES = {"line": ("racto_connect", "racto_batch"), "cell": ("racto_generate", "racto_batch")}
+    @no_var_expand
+    @arguments()
+    @argument("url", nargs="?", help="Broker to check instead of the current connection (or configured broker).")
+    @argument("--timeout", type=float, default=5.0, help="Answer within this many seconds (default 5).")
+    @line_magic
+    def racto_status(self, line: str) -> None:
+        """Show whether the broker answers, which workers are online and how many tasks wait."""
+        magic_cmd.status(self.shell, parse_line(self.racto_status, line, with_expr=False))
+
+
+_MAGIC_NAMES = {
+    "line": ("racto_connect", "racto_batch", "racto_workers", "racto_status"),
+    "cell": ("racto_generate", "racto_batch"),
+}
 
 
 def load_ipython_extension(ipython: Any) -> None:
