@@ -204,6 +204,7 @@ def run_batch(
         on_done=on_done,
         write_back=rows.write_back,
         interval_s=interval_s,
+        cancel_button=not wait,
     )
     return _follow(run, wait, timeout_s)
 
@@ -268,7 +269,9 @@ def attach(
     if cancel:
         revoked = batch.cancel()
         notice(f"batch {batch.batch_id}: {revoked} waiting tasks revoked; tasks already running finish")
-    run = BatchRun(batch, progress=progress, title=title, on_done=on_done, interval_s=interval_s)
+    run = BatchRun(
+        batch, progress=progress, title=title, on_done=on_done, interval_s=interval_s, cancel_button=not wait
+    )
     return _follow(run, wait, timeout_s)
 
 

@@ -257,7 +257,7 @@ class Batch:
                     sent = done
             except Exception as exc:  # broker gone mid-way: say so for every unsent row
                 self.publish_error = exc
-                self._mark_unsent(task_ids[sent:], exc)
+                self._mark_unsent(positions[sent:], exc)
 
         if not background:
             send()
@@ -267,15 +267,30 @@ class Batch:
             self._publishers = [t for t in self._publishers if t.is_alive()] + [thread]
         thread.start()
 
-    def _mark_unsent(self, task_ids: Sequence[str], exc: BaseException) -> None:
-        failure = TaskFailed(
-            f"not submitted: the broker failed ({exc}); retry the failed rows", "SubmitError"
-        )
+    def _mark_unsent(self, positions: Sequence[int], exc: BaseException) -> None:
+        """Fail the rows that never reached the broker, here and (if it answers) in the backend.
+
+        Set in memory first: with the backend down too, the rows would
+        otherwise read PENDING forever; as failures the batch ends and
+        "Retry failed" can send them again.
+        """
+        message = f"not submitted: the broker failed ({exc}); retry the failed rows"
+        with self._lock:
+            for position in positions:
+                self._results[position] = TaskResult(
+                    task_id=self.task_ids[position] or "",
+                    status=TaskStatus.FAILURE,
+                    error=message,
+                    error_type="SubmitError",
+                    index=position,
+                    custom_id=(self.payloads[position] or {}).get("custom_id"),
+                )
+        failure = TaskFailed(message, "SubmitError")
         backend = self.worker.app.backend
-        for task_id in task_ids:
+        for position in positions:
             try:
-                backend.store_result(task_id, failure, "FAILURE")
-            except Exception:  # the backend may be down too; refresh will show them PENDING
+                backend.store_result(self.task_ids[position], failure, "FAILURE")
+            except Exception:  # the backend is down too: the in-memory failures stand
                 break
 
     def join_publisher(self, timeout_s: float | None = None) -> bool:

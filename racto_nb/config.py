@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -398,6 +399,10 @@ def build_celery(cfg: RactoConfig, *, broker_url: str | None = None, result_back
     )
     if embedded:
         app.conf.broker_transport = EMBEDDED_TRANSPORT
+        # The in-process queues are shared by the whole process: a queue of its
+        # own keeps a later connect()'s worker (another kit) from running this
+        # app's rows and writing their results where this app never looks.
+        app.conf.task_default_queue = f"racto-embedded-{uuid.uuid4().hex[:12]}"
     return app
 
 

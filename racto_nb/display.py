@@ -69,7 +69,7 @@ def check_progress(progress: object) -> None:
 def make_batch_view(
     progress: ProgressChoice | ProgressView,
     *,
-    on_cancel: Callable[[], object],
+    on_cancel: Callable[[], object] | None,
     on_retry_failed: Callable[[], object],
     title: str,
 ) -> ProgressView:
@@ -78,7 +78,7 @@ def make_batch_view(
         return progress
     check_progress(progress)
     return make_view(
-        on_cancel=lambda: _discard(on_cancel()),
+        on_cancel=None if on_cancel is None else lambda: _discard(on_cancel()),
         on_retry_failed=lambda: _discard(on_retry_failed()),
         prefer=progress,
         title=title,

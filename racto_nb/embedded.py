@@ -23,7 +23,8 @@ from celery.result import _set_task_join_will_block
 from celery.worker import WorkController
 from celery.worker import state as worker_state
 
-from racto_nb.memory import interrupt_consumers
+from racto_nb.errors import TaskFailed
+from racto_nb.memory import Channel, interrupt_consumers
 
 __all__ = ["EmbeddedWorker"]
 
@@ -45,8 +46,9 @@ class EmbeddedWorker:
     """Start and stop one thread-pool Celery worker for ``app`` inside this process.
 
     Stopping is a warm shutdown: tasks already running finish; tasks still
-    queued stay in the in-process queue (and run if a worker starts again on
-    the same app).
+    queued can never run (the queue lives in this app only), so they are
+    failed with ``error_type == "EmbeddedStopped"``: their batches end, and
+    "Retry failed" after a new ``connect()`` sends them again.
     """
 
     def __init__(self, app: Celery, *, concurrency: int = 8, hostname: str | None = None) -> None:
@@ -124,10 +126,25 @@ class EmbeddedWorker:
                     f"the embedded worker did not stop within {timeout_s:g} s: a task is still running "
                     "(the thread pool cannot interrupt a call; set a shorter kit timeout)"
                 )
+        self._fail_queued()
         self._restore_task_logs()
         if celery_state.default_app is self.app:
             celery_state.default_app = self._previous_default
         self._previous_default = None
+
+    def _fail_queued(self) -> None:
+        queue = Channel.queues.pop(str(self.app.conf.task_default_queue), None)
+        if queue is None:
+            return
+        failure = TaskFailed(
+            "the embedded worker stopped before running this task; connect() again and retry the failed rows",
+            "EmbeddedStopped",
+        )
+        while not queue.empty():
+            message = queue.get_nowait()
+            task_id = (message.get("headers") or {}).get("id") if isinstance(message, dict) else None
+            if task_id:
+                self.app.backend.store_result(task_id, failure, "FAILURE")
 
     def _quiet_task_logs(self) -> None:
         # A failed row is reported in its TaskResult; Celery's ERROR line for it

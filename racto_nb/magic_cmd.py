@@ -60,12 +60,13 @@ def _worker() -> Any:
 
 def connect(shell: Any, args: Any) -> None:
     """``%racto_connect [URL]``: build the worker (embedded when no URL) and say where it points."""
-    from racto_nb.config import mask_url
+    from racto_nb.config import is_embedded_url, mask_url
     from racto_nb.connection import connect as connect_app
 
     with usage_errors():
         worker = connect_app(args.url or None)
-    where = mask_url(str(worker.app.conf.broker_url or "")) or "embedded (in-process) worker"
+    broker = str(worker.app.conf.broker_url or "")
+    where = "an embedded (in-process) worker" if is_embedded_url(broker) else mask_url(broker)
     notice(f"racto_nb: connected to {where}; kit {worker.kit!r}")
 
 

@@ -66,6 +66,7 @@ class BatchRun:
         on_done: Callable[[pd.DataFrame], object] | None = None,
         write_back: tuple[pd.DataFrame, str] | None = None,
         interval_s: float = DEFAULT_INTERVAL_S,
+        cancel_button: bool = True,
     ) -> None:
         self.batch = batch
         self.on_done = on_done
@@ -73,8 +74,13 @@ class BatchRun:
         self.interval_s = interval_s
         self.done = threading.Event()
         self.error: BaseException | None = None
+        # A blocking cell keeps the kernel from handling a click until the batch
+        # ends, so only background runs get a Cancel button (Ctrl-C stops a wait).
         self.view = make_batch_view(
-            progress, on_cancel=self.cancel, on_retry_failed=self.retry_failed, title=title
+            progress,
+            on_cancel=self.cancel if cancel_button else None,
+            on_retry_failed=self.retry_failed,
+            title=title,
         )
         self._frame: pd.DataFrame | None = None
         self._last: BatchProgress | None = None

@@ -51,9 +51,9 @@ def placeholders(template: str) -> list[str]:
         if field is None:
             continue
         if not field.isidentifier():
-            hint = " (write literal braces as {{ and }})" if not field else ""
             raise TemplateError(
-                f"placeholder {{{field}}} is not a plain name{hint}; templates accept {{name}} only"
+                f"placeholder {{{field}}} is not a plain name; templates accept {{name}} only "
+                "(write literal braces, e.g. in JSON, as {{ and }})"
             )
         if spec and "{" in spec:
             raise TemplateError(

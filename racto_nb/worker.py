@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -111,8 +110,8 @@ class RactoCeleryWorker:
         self.max_redeliveries = max_redeliveries
         _check_visibility_timeout(app, self.retry_config)
         self._claim_name(replace)
-        self.generate_task = self._register("generate", self._run_generate)
-        self.ingest_task = self._register("ingest", self._run_ingest)
+        self.generate_task = self._register("generate")
+        self.ingest_task = self._register("ingest")
 
     def __repr__(self) -> str:
         return f"RactoCeleryWorker(name={self.name!r}, kit={self.kit!r}, retry_config={self.retry_config!r})"
@@ -273,8 +272,9 @@ class RactoCeleryWorker:
     # ------------------------------------------------------------------ worker side
 
     def _claim_name(self, replace: bool) -> None:
-        registry: weakref.WeakValueDictionary[str, RactoCeleryWorker]
-        registry = self.app.__dict__.setdefault("_racto_workers", weakref.WeakValueDictionary())
+        # A plain dict, not weak references: the holder of a name must live as
+        # long as the app, since its tasks look it up at run time.
+        registry: dict[str, RactoCeleryWorker] = self.app.__dict__.setdefault("_racto_workers", {})
         holder = registry.get(self.name)
         if holder is not None and not replace and not _same_kit(holder.kit, self.kit):
             raise ValueError(
@@ -284,11 +284,24 @@ class RactoCeleryWorker:
             )
         registry[self.name] = self
 
-    def _register(self, action: str, run: Callable[..., Any]) -> Task:
+    def _register(self, action: str) -> Task:
+        """The task for ``action``, created once per app and name.
+
+        Celery keeps the first callable registered under a name, so the body
+        does not capture this instance: it runs whichever worker holds the name
+        when the task executes (a re-run cell's new retry policy, a
+        ``replace=True`` kit).
+        """
         task_name = f"racto_nb.{self.name}.{action}"
+        tasks: dict[str, Task] = self.app.__dict__.setdefault("_racto_tasks", {})
+        if task_name in tasks:
+            return tasks[task_name]
+        registry: dict[str, RactoCeleryWorker] = self.app.__dict__["_racto_workers"]
+        name = self.name
 
         def task_body(task: Task, *args: Any) -> dict[str, Any]:
-            result: dict[str, Any] = run(task, *args)
+            holder = registry[name]
+            result: dict[str, Any] = getattr(holder, f"_run_{action}")(task, *args)
             return result
 
         task_body.__name__ = task_body.__qualname__ = f"{self.name}_{action}"
@@ -303,16 +316,17 @@ class RactoCeleryWorker:
             # after it ran, and requeue when the process running it is lost.
             acks_late=True,
             reject_on_worker_lost=True,
-            max_retries=self.retry_config.max_retries,
             serializer="json",
             # The task writes its own STARTED state (with attempt counts).
             track_started=False,
         )(task_body)
+        tasks[task_name] = task
         return task
 
     def _run_generate(self, task: Task, payload: dict[str, Any]) -> dict[str, Any]:
-        item = {"custom_id": payload.pop("custom_id", None), "index": payload.pop("index", None)}
-        config = ChatConfig.model_validate(payload)
+        # Read, never pop: Celery builds a retry's message from these same args.
+        item = {"custom_id": payload.get("custom_id"), "index": payload.get("index")}
+        config = ChatConfig.model_validate({k: v for k, v in payload.items() if k not in item})
         return self._attempt(task, lambda: run_chat(self.kit, config), item)
 
     def _run_ingest(self, task: Task, path: str, metadata: dict[str, Any]) -> dict[str, Any]:

@@ -59,7 +59,7 @@ def test_multiindex_and_custom_ids_survive(worker: RactoCeleryWorker, unique_cas
 
     assert result.index.equals(index) and result.index.names == ["shop", "day"]
     assert list(result["custom_id"]) == ["id-0", "id-1", "id-2"]
-    assert result.loc[("b", 2), "content"] == f"echo: row 2 [case:{unique_case}]"
+    assert result["content"].iloc[2] == f"echo: row 2 [case:{unique_case}]"
 
 
 def test_skipped_rows_stay_in_the_result_and_are_never_sent(
@@ -241,3 +241,24 @@ def test_manifest_is_json_and_holds_what_attach_needs(idle_worker: RactoCeleryWo
     assert again.index.equals(index) and again.index.name == "when"
     assert list(again.to_frame()["status"]) == ["pending", "skipped"]
     batch.cancel()
+
+
+def test_rows_the_broker_never_took_fail_and_can_be_retried(
+    worker: RactoCeleryWorker, unique_case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import racto_nb.batch as batch_module
+
+    real_publish = batch_module.publish_many
+
+    def broker_down(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("Error 111 connecting to the broker")
+
+    monkeypatch.setattr(batch_module, "publish_many", broker_down)
+    batch = Batch.submit(worker, [f"row {i} [case:{unique_case}]" for i in range(3)], background=False)
+    first = _run(batch, timeout_s=5)  # ends: never sent is failed, not pending forever
+    assert set(first["error_type"]) == {"SubmitError"}
+    assert isinstance(batch.publish_error, ConnectionError)
+
+    monkeypatch.setattr(batch_module, "publish_many", real_publish)
+    assert batch.retry_failed(background=False) == 3
+    assert set(_run(batch)["status"]) == {"success"}

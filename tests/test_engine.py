@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from racto_nb import BatchItem, RactoCeleryWorker, TaskResult, TaskStatus
+from racto_nb import BatchItem, RactoCeleryWorker, RetryConfig, TaskResult, TaskStatus
 from racto_nb.kits import OpenAIKit
 from racto_nb.testing import FakeOpenAIServer, RedisServer
 from racto_nb.workers import WorkerProcess
@@ -434,3 +434,63 @@ def test_rabbitmq_broker(
     assert [r.status for r in results] == [TaskStatus.SUCCESS] * 10
     with client_app.connection_for_write() as connection:
         connection.default_channel.queue_delete(queue)
+
+
+class EchoKit:
+    def __init__(self, tag: str, fail_with: int | None = None) -> None:
+        self.tag = tag
+        self.fail_with = fail_with
+
+    def chat(self, config: Any) -> str:
+        if self.fail_with is not None:
+            raise ConnectionError(f"{self.tag} is down")
+        return f"{self.tag}: {config.user_message}"
+
+
+def run_locally(worker: RactoCeleryWorker, message: str) -> Any:
+    """Execute the registered task in this process (Celery's ``Task.apply``)."""
+    return worker.generate_task.apply(args=({"user_message": message},))
+
+
+def test_replace_true_runs_the_new_kit() -> None:
+    app = Celery(broker="memory://", backend="cache+memory://")
+    RactoCeleryWorker(app, kit=EchoKit("old"))
+    new = RactoCeleryWorker(app, kit=EchoKit("new"), replace=True)
+    assert run_locally(new, "hi").get()["output"]["content"] == "new: hi"
+
+
+def test_a_rerun_cell_gets_its_new_retry_policy() -> None:
+    app = Celery(broker="memory://", backend="cache+memory://")
+    kit = EchoKit("flaky", fail_with=503)
+    RactoCeleryWorker(app, kit=kit, retry_config=RetryConfig(max_retries=3))
+    rerun = RactoCeleryWorker(app, kit=kit, retry_config=RetryConfig(max_retries=0))
+    outcome = run_locally(rerun, "hi")
+    assert outcome.state == "FAILURE"
+    assert outcome.result.attempts == 1 and "gave up after 1 attempts" in str(outcome.result)
+
+
+def test_retried_items_keep_their_custom_id(openai_app: Any, fake_openai: FakeOpenAIServer, unique_case: str) -> None:
+    fake_openai.script(f"{unique_case}-a", ["503"])
+    items = [BatchItem(user_message=f"a [case:{unique_case}-a]", custom_id="A"), f"b [case:{unique_case}-b]"]
+    group = openai_app.worker.parallel_batch(items)
+    openai_app.worker.wait_parallel(group, timeout_s=10)
+    first = openai_app.worker.get_result(group.results[0].id)  # read without the client's memory of ids
+    assert (first.status, first.attempts, first.custom_id, first.index) == (TaskStatus.SUCCESS, 2, "A", 0)
+
+
+def test_no_client_side_key_reaches_redis(redis_server: RedisServer, unique_case: str) -> None:
+    """A kit built in the client with an explicit key (the seed's closure pattern) never ships it."""
+    secret = "sk-client-secret-91c2"
+    app = Celery(broker=redis_server.url, backend=redis_server.url)
+    app.conf.task_default_queue = f"nobody-consumes-{unique_case}"
+    client = RactoCeleryWorker(app, kit=OpenAIKit("m", api_key=secret), name=f"secretive{unique_case[-6:]}")
+    client.generate("hello", extra={"seed": 1})
+    client.parallel_batch(["a", BatchItem(user_message="b", custom_id="x")])
+    redis = redis_server.client()
+    for key in redis.scan_iter(count=1000):
+        kind = redis.type(key)
+        values = {b"string": lambda k: [redis.get(k) or b""], b"list": lambda k: redis.lrange(k, 0, -1)}
+        for value in values.get(kind, lambda k: [])(key):
+            assert secret.encode() not in value, key
+    assert redis.llen(app.conf.task_default_queue) == 3  # the messages were there to inspect
+    redis.delete(app.conf.task_default_queue)

@@ -16,6 +16,18 @@ class Kit(Protocol):
     def chat(self, config: Any) -> Any: ...
 
 
+def chat_messages(system_prompt: str | None, config: ChatConfig) -> list[dict[str, str]]:
+    """System prompt, then history, then the user's message, as role/content dicts.
+
+    A history that opens with its own system message (a per-call system
+    prompt) replaces the kit's: many chat templates reject two.
+    """
+    history = [{"role": m.role, "content": m.content} for m in config.history]
+    own_system = bool(history) and history[0]["role"] == "system"
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt and not own_system else []
+    return [*messages, *history, {"role": "user", "content": config.user_message}]
+
+
 def run_chat(kit: Any, config: ChatConfig) -> dict[str, Any]:
     """Call ``kit.chat`` with the config type it understands and return JSON."""
     return to_response_dict(kit.chat(_config_for(kit, config)))

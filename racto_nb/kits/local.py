@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from racto_nb.kits.base import parse_json_content
+from racto_nb.kits.base import chat_messages, parse_json_content
 from racto_nb.models import ChatConfig, ChatResponse
 
 if TYPE_CHECKING:
@@ -212,10 +212,7 @@ class LocalKit:
 
     def build_messages(self, config: ChatConfig) -> list[dict[str, str]]:
         """System prompt (if any), then the history, then the user message."""
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages += [{"role": m.role, "content": m.content} for m in config.history]
-        messages.append({"role": "user", "content": config.user_message})
-        return messages
+        return chat_messages(self.system_prompt, config)
 
     def sampling_kwargs(self, config: ChatConfig) -> dict[str, Any]:
         """``create_chat_completion`` keyword arguments for ``config``.

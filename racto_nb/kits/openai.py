@@ -6,6 +6,7 @@ import os
 import threading
 from typing import TYPE_CHECKING
 
+from racto_nb.kits.base import chat_messages
 from racto_nb.models import ChatConfig, ChatResponse
 
 if TYPE_CHECKING:
@@ -80,10 +81,7 @@ class OpenAIKit:
 
     def messages_for(self, config: ChatConfig) -> list[dict[str, str]]:
         """System prompt, then history, then the user's message."""
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages += [{"role": m.role, "content": m.content} for m in config.history]
-        messages.append({"role": "user", "content": config.user_message})
-        return messages
+        return chat_messages(self.system_prompt, config)
 
     def chat(self, config: ChatConfig) -> ChatResponse:
         """One chat completion; provider errors propagate for the worker to classify."""
