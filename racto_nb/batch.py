@@ -151,6 +151,7 @@ class Batch:
         index = pd.RangeIndex(len(prompts)) if index is None else index
         if len(index) != len(prompts):
             raise ValueError(f"index has {len(index)} entries for {len(prompts)} prompts")
+        _require_storable(index)
         given = list(reasons) if reasons is not None else [None] * len(prompts)
         if len(given) != len(prompts):
             raise ValueError(f"reasons has {len(given)} entries for {len(prompts)} prompts")
@@ -521,6 +522,21 @@ def results_frame(results: Sequence[TaskResult], index: pd.Index) -> pd.DataFram
         frame[column] = frame[column].astype("Int64")
     frame["latency_s"] = frame["latency_s"].astype("float64")
     return frame
+
+
+def _require_storable(index: pd.Index) -> None:
+    """Refuse, before anything is sent, an index that would come back different on attach."""
+    stored = index_from_json(json.loads(json.dumps(index_to_json(index))))
+    same_types = [a.dtype for a in _levels(stored)] == [b.dtype for b in _levels(index)]
+    if not (same_types and stored.equals(index)):
+        raise ValueError(
+            f"this index ({type(index).__name__}, dtype {index.dtype}) cannot be stored for reattaching "
+            "unchanged; use df.reset_index() (keeping it as a column) before sending the rows"
+        )
+
+
+def _levels(index: pd.Index) -> list[pd.Index]:
+    return [index.get_level_values(level) for level in range(index.nlevels)]
 
 
 def _kv_backend(worker: RactoCeleryWorker) -> BaseKeyValueStoreBackend:

@@ -262,3 +262,12 @@ def test_rows_the_broker_never_took_fail_and_can_be_retried(
     monkeypatch.setattr(batch_module, "publish_many", real_publish)
     assert batch.retry_failed(background=False) == 3
     assert set(_run(batch)["status"]) == {"success"}
+
+
+def test_an_index_that_cannot_come_back_unchanged_is_refused_before_sending(
+    worker: RactoCeleryWorker, redis_server: RedisServer
+) -> None:
+    queued = redis_server.client().llen("celery")
+    with pytest.raises(ValueError, match="reset_index"):
+        Batch.submit(worker, ["a", "b", "c"], index=pd.interval_range(0, 3))
+    assert redis_server.client().llen("celery") == queued
