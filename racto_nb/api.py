@@ -316,6 +316,21 @@ def generate(
 ) -> TaskRun: ...
 
 
+@overload
+def generate(
+    prompt: str,
+    *,
+    worker: RactoCeleryWorker | None = ...,
+    temperature: float = ...,
+    max_tokens: int = ...,
+    system_prompt: str | None = ...,
+    timeout_s: float | None = ...,
+    wait: bool,
+    progress: ProgressChoice | StatusView = ...,
+    on_done: Callable[[TaskResult], object] | None = ...,
+) -> TaskResult | TaskRun: ...
+
+
 def generate(
     prompt: str,
     *,

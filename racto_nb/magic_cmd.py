@@ -18,6 +18,7 @@ from racto_nb import api, fleet
 from racto_nb.display import ProgressChoice, notice, show_content
 from racto_nb.magic_parse import check_name, evaluate, series_parent, usage_errors
 from racto_nb.progress import ipython_display
+from racto_nb.runs import TaskRun
 from racto_nb.templates import interpolate
 from racto_nb.workers import WorkerProcess
 
@@ -78,36 +79,25 @@ def generate(shell: Any, args: Any, cell: str, *, progress: ProgressChoice) -> N
     worker = _worker()
     slot = _Slot(shell.user_ns, args.out) if args.out else None
     with usage_errors():
-        if args.no_wait:
-            run = api.generate(
-                prompt,
-                worker=worker,
-                temperature=args.temperature,
-                max_tokens=args.max_tokens,
-                system_prompt=args.system,
-                timeout_s=args.timeout,
-                wait=False,
-                progress=progress,
-                on_done=slot.final if slot else None,
-            )
-        else:
-            result = api.generate(
-                prompt,
-                worker=worker,
-                temperature=args.temperature,
-                max_tokens=args.max_tokens,
-                system_prompt=args.system,
-                timeout_s=args.timeout,
-                progress=progress,
-            )
-    if args.no_wait:
+        outcome = api.generate(
+            prompt,
+            worker=worker,
+            temperature=args.temperature,
+            max_tokens=args.max_tokens,
+            system_prompt=args.system,
+            timeout_s=args.timeout,
+            wait=not args.no_wait,
+            progress=progress,
+            on_done=slot.final if slot and args.no_wait else None,
+        )
+    if isinstance(outcome, TaskRun):
         if slot is not None:
-            slot.handle(run)
-            notice(f"task {run.task_id} runs in the background; {args.out} holds its result when it ends")
+            slot.handle(outcome)
+            notice(f"task {outcome.task_id} runs in the background; {args.out} holds its result when it ends")
         return
     if slot is not None:
-        slot.final(result)
-    show_content(result)
+        slot.final(outcome)
+    show_content(outcome)
 
 
 def batch(shell: Any, args: Any, cell: str | None, *, progress: ProgressChoice) -> Any:
