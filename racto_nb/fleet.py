@@ -222,6 +222,8 @@ def status(target: RactoCeleryWorker | Celery | str | None = None, *, timeout_s:
         workers = [_worker_info(name, info) for name, info in sorted((stats or {}).items())]
     except Exception as exc:
         notes.append(f"worker list unavailable: {exc}")
+    if embedded and not workers:
+        notes.append("no embedded worker is running in this kernel: %racto_connect (racto_nb.connect()) starts one")
     return FleetStatus(
         **common,
         reachable=True,
