@@ -250,7 +250,7 @@ class Batch:
                         [(p,) for p in payloads[chunk]],
                         task_ids[chunk],
                         group_id=group_id,
-                        report_every=PUBLISH_CHUNK,
+                        chunk_size=PUBLISH_CHUNK,
                     )
                     done = min(start + PUBLISH_CHUNK, len(task_ids))
                     with self._lock:

@@ -29,7 +29,6 @@ from racto_nb.config import (
     build_retry,
     is_embedded_url,
     load_config,
-    mask_url,
 )
 from racto_nb.models import RetryConfig
 from racto_nb.worker import RactoCeleryWorker
@@ -202,12 +201,3 @@ def _connect_broker(
     rag = build_rag(cfg) if rag is None else rag
     return RactoCeleryWorker(app, kit=kit, rag=rag, retry_config=retry, name=cfg.worker_name)
 
-
-def describe_current() -> str:
-    """One line for a status view: mode and broker (password masked)."""
-    with _lock:
-        if _current is None:
-            return "not connected"
-        if _embedded is not None:
-            return f"embedded ({_embedded!r})"
-        return f"broker {mask_url(str(_current.app.conf.broker_url))}"

@@ -57,7 +57,6 @@ class EmbeddedWorker:
         self.app = app
         self.concurrency = concurrency
         self.hostname = hostname or f"racto-embedded-{os.getpid()}@{socket.gethostname()}"
-        self._controller: _Controller | None = None
         self._thread: threading.Thread | None = None
         self._quieted: int | None = None
         self._previous_default: Celery | None = None
@@ -89,7 +88,7 @@ class EmbeddedWorker:
             without_gossip=True,
         )
         thread = threading.Thread(target=controller.start, name=f"racto-embedded:{self.hostname}", daemon=True)
-        self._controller, self._thread = controller, thread
+        self._thread = thread
         thread.start()
         step = 0.01
         waited = 0.0
@@ -111,7 +110,6 @@ class EmbeddedWorker:
     def stop(self, timeout_s: float = 30.0) -> None:
         """Warm shutdown: running tasks finish, then the thread exits. Safe to call twice."""
         thread, self._thread = self._thread, None
-        self._controller = None
         if thread is not None and thread.is_alive():
             # Celery's own embedded-worker helper stops a threaded worker this
             # way: the consumer loop raises WorkerShutdown when it sees the flag.
