@@ -34,10 +34,11 @@ sys.path.insert(0, str(REPO))
 import celery  # noqa: E402
 
 import racto_nb  # noqa: E402
-from racto_nb.config import RactoConfig, build_celery  # noqa: E402
-from racto_nb.embedded import EmbeddedWorker  # noqa: E402
+from racto_nb.config import RactoConfig  # noqa: E402
+from racto_nb.embedded.worker import EmbeddedWorker  # noqa: E402
+from racto_nb.engine.celery_app import build_celery  # noqa: E402
+from racto_nb.engine.worker import RactoCeleryWorker  # noqa: E402
 from racto_nb.models import ChatConfig, ChatResponse  # noqa: E402
-from racto_nb.worker import RactoCeleryWorker  # noqa: E402
 
 ROWS = 100
 REPEATS = 5

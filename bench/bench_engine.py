@@ -24,8 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from racto_nb.fleet.processes import WorkerProcess  # noqa: E402
 from racto_nb.testing import FakeOpenAIControl, RedisServer  # noqa: E402
-from racto_nb.workers import WorkerProcess  # noqa: E402
 
 
 def start_fake_server() -> tuple[subprocess.Popen[str], str]:

@@ -36,10 +36,10 @@ import pandas as pd
 from celery import Celery, group
 
 from racto_nb import api
-from racto_nb.batch import Batch
+from racto_nb.batch.batch import Batch
+from racto_nb.engine.worker import RactoCeleryWorker
 from racto_nb.kits import OpenAIKit
 from racto_nb.testing import RedisServer
-from racto_nb.worker import RactoCeleryWorker
 
 RESULTS = Path(__file__).resolve().parent / "results" / "submit.md"
 TARGET_S = 1.0

@@ -11,7 +11,7 @@ Importing is cheap and connects nowhere: Celery connects on first use and
 the local model loads on its first call.
 
 ``connect``, ``current_worker`` and ``disconnect`` are re-exported for
-``from racto_nb.app import connect``; they live in :mod:`racto_nb.connection`
+``from racto_nb.app import connect``; they live in :mod:`racto_nb.fleet.connection`
 so that ``import racto_nb`` works even where this module's default kit could
 not be built.
 """
@@ -23,9 +23,11 @@ from typing import Any
 
 from celery.signals import celeryd_init, worker_ready
 
-from racto_nb.config import build_celery, build_kit, build_rag, build_retry, env_name, load_config, mask_url
-from racto_nb.connection import connect, current_worker, disconnect
-from racto_nb.worker import RactoCeleryWorker
+from racto_nb.config import build_retry, env_name, load_config, mask_url
+from racto_nb.engine.celery_app import build_celery
+from racto_nb.engine.worker import RactoCeleryWorker
+from racto_nb.fleet.connection import connect, current_worker, disconnect
+from racto_nb.kits.factory import build_kit, build_rag
 
 __all__ = ["app", "config", "connect", "current_worker", "disconnect", "worker"]
 

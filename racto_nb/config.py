@@ -1,4 +1,4 @@
-"""One place that says where tasks go and which model runs them.
+"""Settings: where tasks go, which model runs them, and the defaults every layer shares.
 
 The notebook and every ``celery -A racto_nb.app worker`` read the same
 settings, so a fleet of machines runs the kit the notebook expects without
@@ -15,6 +15,9 @@ process that makes the call, under the variable ``api_key_env`` names
 broker, is only that variable's *name*. There is deliberately no
 ``RACTO_API_KEY``: a key in a config file ends up in git, and a key in a task
 ends up in Redis.
+
+Only settings live here: :mod:`racto_nb.engine.celery_app` builds the Celery
+app from them and :mod:`racto_nb.kits.factory` the kit and the RAG object.
 """
 
 from __future__ import annotations
@@ -22,17 +25,14 @@ from __future__ import annotations
 import os
 import re
 import sys
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from racto_nb.errors import ConfigError
 from racto_nb.models import RetryConfig
-
-if TYPE_CHECKING:
-    from celery import Celery
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,14 +40,17 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 __all__ = [
+    "BROKER_ANSWER_TIMEOUT_S",
     "CONFIG_FILE_NAME",
+    "DEFAULT_CALL_TIMEOUT_S",
+    "DEFAULT_EMBEDDED_CONCURRENCY",
+    "DEFAULT_WORKER_CONCURRENCY",
     "ENV_PREFIX",
     "ConfigError",
     "RactoConfig",
-    "build_celery",
-    "build_kit",
-    "build_rag",
     "build_retry",
+    "check_retry_fits_visibility",
+    "check_worker_name",
     "env_name",
     "is_embedded_url",
     "load_config",
@@ -69,13 +72,40 @@ _PASSWORD_IN_URL = re.compile(r"(://[^:/@;]*:)[^@;]*@")
 RESULT_EXPIRES_S = 7 * 24 * 3600
 #: An unreachable broker must fail a notebook cell in seconds, not hang it.
 CONNECT_TIMEOUT_S = 2.0
-EMBEDDED_BROKER_URL = "memory://"
-EMBEDDED_TRANSPORT = "racto_nb.memory:Transport"
-EMBEDDED_BACKEND = "racto_nb.memory:InProcessBackend"
+#: How long Redis (and SQS) wait before handing an unacknowledged task to another worker (Celery's default).
+DEFAULT_VISIBILITY_TIMEOUT_S = 3600.0
+#: How long a broker may take to answer a probe before ``connect()`` or ``status()`` says it is unreachable.
+BROKER_ANSWER_TIMEOUT_S = 5.0
+#: HTTP timeout of one model call (``OpenAIKit``, ``RACTO_TIMEOUT_S``).
+DEFAULT_CALL_TIMEOUT_S = 60.0
+#: Threads of the embedded (in-kernel) worker.
+DEFAULT_EMBEDDED_CONCURRENCY = 8
+#: Threads of each worker process started from a notebook (``%racto_workers start``).
+DEFAULT_WORKER_CONCURRENCY = 32
 
 
-class ConfigError(ValueError):
-    """A setting is missing or wrong; the message names the variable (or file key) to fix."""
+def check_worker_name(name: str, what: str = "name") -> str:
+    """A worker name becomes part of task names (``racto_nb.<name>.generate``): letters, digits, ``-``, ``_``."""
+    if not isinstance(name, str) or not _WORKER_NAME.match(name):
+        raise ConfigError(f"{what} must be letters, digits, '-' or '_' (got {name!r})")
+    return name
+
+
+def check_retry_fits_visibility(
+    max_delay_s: float, visibility_timeout_s: float, *, max_delay: str, visibility: str
+) -> None:
+    """Refuse a retry schedule the broker would turn into duplicate runs.
+
+    Redis and SQS hand an unacknowledged message to another worker after the
+    visibility timeout; a retry countdown at least that long is redelivered
+    while it waits and runs twice. ``max_delay``/``visibility`` name the
+    settings in the message, as the caller knows them.
+    """
+    if max_delay_s >= visibility_timeout_s:
+        raise ConfigError(
+            f"{max_delay}={max_delay_s:g} must be below {visibility}={visibility_timeout_s:g}: a retry "
+            "waiting that long is redelivered by the broker and runs twice. Lower the first, or raise the second"
+        )
 
 
 def mask_url(url: str | None) -> str | None:
@@ -121,7 +151,7 @@ class RactoConfig(BaseModel):
         default="OPENAI_API_KEY", description="NAME of the env var holding the key, read on each worker."
     )
     system_prompt: str | None = None
-    timeout_s: float = Field(default=60.0, gt=0, description="HTTP timeout of one model call.")
+    timeout_s: float = Field(default=DEFAULT_CALL_TIMEOUT_S, gt=0, description="HTTP timeout of one model call.")
     max_retries: int | None = Field(default=None, ge=0)
     initial_delay_s: float | None = Field(default=None, gt=0)
     backoff_factor: float | None = Field(default=None, gt=1.0)
@@ -136,7 +166,7 @@ class RactoConfig(BaseModel):
         default=None, description="File racto_nb.rag.from_config() stores chunks in (shared on one machine)."
     )
     visibility_timeout_s: float = Field(
-        default=3600.0, gt=0, description="Redis/SQS redelivery time of an unacknowledged task."
+        default=DEFAULT_VISIBILITY_TIMEOUT_S, gt=0, description="Redis/SQS redelivery time of an unacknowledged task."
     )
 
     @field_validator("broker_url", "result_backend", "base_url")
@@ -167,9 +197,10 @@ class RactoConfig(BaseModel):
     @field_validator("worker_name")
     @classmethod
     def _worker_name(cls, value: str) -> str:
-        if not _WORKER_NAME.match(value):
-            raise ValueError(f"{value!r} must be letters, digits, '-' or '_'")
-        return value
+        try:
+            return check_worker_name(value, repr(value))
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
     def _consistent(self) -> RactoConfig:
@@ -178,12 +209,16 @@ class RactoConfig(BaseModel):
                 f"{env_name('model')} is required for the openai provider, e.g. gpt-4o-mini "
                 "(or the model name your OpenAI-compatible server serves)"
             )
-        if self.max_delay_s is not None and self.max_delay_s >= self.visibility_timeout_s:
-            raise ValueError(
-                f"{env_name('max_delay_s')}={self.max_delay_s:g} must be below "
-                f"{env_name('visibility_timeout_s')}={self.visibility_timeout_s:g}: a retry waiting that "
-                "long is redelivered by Redis and runs twice"
-            )
+        if self.max_delay_s is not None:
+            try:
+                check_retry_fits_visibility(
+                    self.max_delay_s,
+                    self.visibility_timeout_s,
+                    max_delay=env_name("max_delay_s"),
+                    visibility=env_name("visibility_timeout_s"),
+                )
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         return self
 
     @property
@@ -297,9 +332,6 @@ def _explain(exc: ValidationError, values: Mapping[str, Any], sources: Mapping[s
     return "invalid racto_nb configuration:\n  " + "\n  ".join(lines)
 
 
-# --------------------------------------------------------------------------- building
-
-
 def build_retry(cfg: RactoConfig) -> RetryConfig:
     """The retry policy; fields not configured keep ``RetryConfig``'s defaults."""
     fields = ("max_retries", "initial_delay_s", "backoff_factor", "max_delay_s")
@@ -308,108 +340,3 @@ def build_retry(cfg: RactoConfig) -> RetryConfig:
         return RetryConfig(**given)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, given, {name: env_name(name) for name in given})) from None
-
-
-def build_kit(cfg: RactoConfig) -> Any:
-    """The kit the configuration names. Cheap: no model is loaded, no key read, no connection made."""
-    if cfg.effective_provider == "openai":
-        from racto_nb.kits.openai import OpenAIKit
-
-        assert cfg.model is not None  # checked by the model validator
-        return OpenAIKit(
-            cfg.model,
-            base_url=cfg.base_url,
-            system_prompt=cfg.system_prompt,
-            timeout_s=cfg.timeout_s,
-            api_key_env=cfg.api_key_env,
-        )
-    from racto_nb.kits.local import SMOLLM2_MODEL, LocalKit
-
-    model_path = cfg.model if cfg.model and cfg.model != SMOLLM2_MODEL else None
-    try:
-        return LocalKit(model_path=model_path, system_prompt=cfg.system_prompt)
-    except ImportError as exc:
-        raise ImportError(
-            f"{exc}. Or use a hosted model instead: set {env_name('provider')}=openai and "
-            f"{env_name('model')}=<model name> (plus {env_name('base_url')} for a non-OpenAI server)"
-        ) from None
-
-
-def build_rag(cfg: RactoConfig) -> Any | None:
-    """The RAG object ``cfg.rag`` names (its factory called once), or ``None`` when unset."""
-    if cfg.rag is None:
-        return None
-    import importlib
-
-    module_name, _, attribute = cfg.rag.partition(":")
-    try:
-        target: Any = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"{env_name('rag')}={cfg.rag!r} cannot be imported: {exc}") from None
-    # A class or a factory is called; an object that already has ingest() is used as it is.
-    rag = target() if isinstance(target, type) or not callable(getattr(target, "ingest", None)) else target
-    if not callable(getattr(rag, "ingest", None)):
-        raise ConfigError(f"{env_name('rag')}={cfg.rag!r} gave {type(rag).__name__}, which has no ingest(path)")
-    return rag
-
-
-def build_celery(cfg: RactoConfig, *, broker_url: str | None = None, result_backend: str | None = None) -> Celery:
-    """A Celery app for ``cfg`` (``broker_url``/``result_backend`` override it).
-
-    No broker means embedded: racto_nb's in-process transport (which wakes a
-    waiting worker at once instead of polling every second) and an in-process
-    result backend. Nothing connects here; Celery connects on first use.
-    """
-    from celery import Celery
-
-    broker = broker_url or cfg.broker_url
-    embedded = is_embedded_url(broker)
-    if embedded:
-        backend: str | None = EMBEDDED_BACKEND
-    else:
-        assert broker is not None
-        backend = result_backend or cfg.result_backend or _default_backend(broker)
-    # Not "current": building racto_nb's app must not change which app a notebook's own Celery code uses.
-    app = Celery("racto_nb", broker=EMBEDDED_BROKER_URL if embedded else broker, backend=backend, set_as_current=False)
-    transport_options: dict[str, Any] = {"visibility_timeout": cfg.visibility_timeout_s}
-    if broker is not None and broker.startswith(("redis", "rediss", "sentinel")):
-        transport_options.update(socket_connect_timeout=CONNECT_TIMEOUT_S)
-    app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        # One message per free thread: a slow row never holds others hostage in a prefetch buffer.
-        worker_prefetch_multiplier=1,
-        broker_transport_options=transport_options,
-        result_backend_transport_options={"visibility_timeout": cfg.visibility_timeout_s},
-        result_expires=RESULT_EXPIRES_S,
-        broker_connection_timeout=CONNECT_TIMEOUT_S,
-        broker_connection_retry_on_startup=True,
-        redis_socket_connect_timeout=CONNECT_TIMEOUT_S,
-        # Publishing to a dead broker gives up after about a second instead of retrying on.
-        task_publish_retry_policy={
-            "max_retries": 2,
-            "interval_start": 0,
-            "interval_step": 0.5,
-            "interval_max": 0.5,
-        },
-    )
-    if embedded:
-        app.conf.broker_transport = EMBEDDED_TRANSPORT
-        # The in-process queues are shared by the whole process: a queue of its
-        # own keeps a later connect()'s worker (another kit) from running this
-        # app's rows and writing their results where this app never looks.
-        app.conf.task_default_queue = f"racto-embedded-{uuid.uuid4().hex[:12]}"
-    return app
-
-
-def _default_backend(broker: str) -> str:
-    if broker.startswith(("redis://", "rediss://", "sentinel://")):
-        return broker
-    raise ConfigError(
-        f"the broker {mask_url(broker)} cannot store results: set {env_name('result_backend')} "
-        "(e.g. redis://127.0.0.1:6379/0), or use a Redis broker"
-    )

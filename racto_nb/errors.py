@@ -1,117 +1,108 @@
-"""Which failures are worth another try, and how failures travel back.
+"""Every exception racto_nb raises, under one root: :class:`RactoError`.
 
-``classify(exc)`` is the single place that decides retry-or-fail. It reads the
-exception (and its ``__cause__`` chain, so a RactoGateway error wrapping an
-``openai`` error is judged by the original) without importing any provider
-SDK: classification must work for kits we have never heard of.
+Catch ``RactoError`` to handle anything racto_nb refuses or reports. Each
+class is also a subclass of the builtin that describes it (``ValueError`` for
+a bad value, ``ConnectionError`` for an unreachable broker, ...), so code that
+catches those keeps working.
 
-``TaskFailed`` and ``RetryScheduled`` are what the worker stores in the result
-backend. Their ``args`` are JSON primitives, so Celery's JSON serializer
-round-trips them and the client rebuilds the same classes.
+Two kinds live here:
+
+* **Mistakes the user can fix**, raised before anything is enqueued (or at
+  once, when a broker does not answer). Their message is one line that names
+  the fix; the magics show them without a traceback.
+* **What a task ended as**, stored in the result backend by the worker
+  (:class:`TaskFailed`, :class:`RetryScheduled`). Their ``args`` are JSON
+  primitives, so Celery's JSON serializer round-trips them and the client
+  rebuilds the same classes.
+
+Anything else that escapes racto_nb is a bug, and keeps its traceback.
 """
 
 from __future__ import annotations
 
-import email.utils
-import time
-from dataclasses import dataclass
-from typing import Any
-
-#: HTTP statuses that describe the provider's state, not the request's.
-RETRYABLE_STATUS = frozenset({408, 409, 429})
-#: Statuses whose ``Retry-After`` header we honour.
-RETRY_AFTER_STATUS = frozenset({429, 503})
-
-_TIMEOUT_NAMES = ("Timeout", "TimedOut", "DeadlineExceeded")
-_CONNECTION_NAMES = ("ConnectionError", "ConnectError", "APIConnectionError", "RemoteProtocolError")
-
-
-@dataclass(frozen=True)
-class Classification:
-    """The verdict on one exception."""
-
-    retryable: bool
-    error_type: str
-    status_code: int | None = None
-    retry_after_s: float | None = None
+__all__ = [
+    "BatchNotFound",
+    "BrokerUnreachable",
+    "ConfigError",
+    "EmbeddedBrokerError",
+    "EmbeddedError",
+    "InvalidArgument",
+    "InvalidSource",
+    "KitUnavailable",
+    "ModelNotFound",
+    "RactoError",
+    "RetryScheduled",
+    "StillRunning",
+    "TaskFailed",
+    "TemplateError",
+    "Unsupported",
+    "WorkerStartError",
+]
 
 
-def classify(exc: BaseException) -> Classification:
-    """Decide whether ``exc`` is transient.
-
-    Retried: timeouts, connection failures, HTTP 408/409/429 and 5xx.
-    Not retried: everything else, notably 400/401/403/404/422 and validation
-    errors; an unknown exception is a bug or bad input until proven otherwise,
-    and retrying it only multiplies the bill.
-    """
-    error_type = type(exc).__name__
-    for link in _cause_chain(exc):
-        status = _status_code(link)
-        if status is not None:
-            retryable = status in RETRYABLE_STATUS or 500 <= status <= 599
-            retry_after = _retry_after(link) if status in RETRY_AFTER_STATUS else None
-            return Classification(retryable, error_type, status, retry_after)
-        if _is_timeout_or_connection(link):
-            return Classification(True, error_type)
-    return Classification(False, error_type)
+class RactoError(Exception):
+    """Root of every racto_nb exception."""
 
 
-def _cause_chain(exc: BaseException) -> list[BaseException]:
-    chain: list[BaseException] = []
-    link: BaseException | None = exc
-    while link is not None and link not in chain and len(chain) < 8:
-        chain.append(link)
-        link = link.__cause__ or link.__context__
-    return chain
+# ---------------------------------------------------------------------------- mistakes the user can fix
 
 
-def _status_code(exc: BaseException) -> int | None:
-    for attr in ("status_code", "status", "http_status"):
-        value = getattr(exc, attr, None)
-        if isinstance(value, int) and 100 <= value <= 599:
-            return value
-    response = getattr(exc, "response", None)
-    value = getattr(response, "status_code", None)
-    return value if isinstance(value, int) and 100 <= value <= 599 else None
+class ConfigError(RactoError, ValueError):
+    """A setting is missing or wrong; the message names the variable (or file key) to fix."""
 
 
-def _is_timeout_or_connection(exc: BaseException) -> bool:
-    if isinstance(exc, (TimeoutError, ConnectionError)):
-        return True
-    names = [cls.__name__ for cls in type(exc).__mro__]
-    return any(marker in name for name in names for marker in _TIMEOUT_NAMES + _CONNECTION_NAMES)
+class InvalidArgument(RactoError, ValueError):
+    """An argument has a value racto_nb cannot use; the message names the argument and what it accepts."""
 
 
-def _retry_after(exc: BaseException) -> float | None:
-    headers = getattr(getattr(exc, "response", None), "headers", None)
-    if headers is None:
-        return None
-    return parse_retry_after(headers.get("retry-after-ms"), headers.get("retry-after"))
+class InvalidSource(RactoError, TypeError):
+    """An argument is the wrong kind of object (a batch source, a kit without ``chat``, ...)."""
 
 
-def parse_retry_after(
-    retry_after_ms: str | None, retry_after: str | None, now: float | None = None
-) -> float | None:
-    """Seconds to wait from ``Retry-After-Ms`` or ``Retry-After`` (seconds or an HTTP date)."""
-    if retry_after_ms:
-        try:
-            return max(float(retry_after_ms) / 1000.0, 0.0)
-        except ValueError:
-            pass
-    if not retry_after:
-        return None
-    try:
-        return max(float(retry_after), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(retry_after)
-    except (TypeError, ValueError):
-        return None
-    return max(when.timestamp() - (time.time() if now is None else now), 0.0)
+class TemplateError(RactoError, ValueError):
+    """A template or its data cannot produce prompts; nothing was enqueued."""
 
 
-class TaskFailed(Exception):
+class KitUnavailable(RactoError, ImportError):
+    """A kit's packages are not installed here; the message names the ``pip install``."""
+
+
+class ModelNotFound(RactoError, FileNotFoundError):
+    """A local model file is missing; the message names the path or the package that should hold it."""
+
+
+class BrokerUnreachable(RactoError, ConnectionError):
+    """The broker (or result backend) did not answer in time; the message names the URL and the fix."""
+
+
+class Unsupported(RactoError, RuntimeError):
+    """What was asked needs something this worker or app lacks (a RAG object, a key-value result backend)."""
+
+
+class BatchNotFound(RactoError, LookupError):
+    """No batch with this id where this kernel looks for it."""
+
+
+class StillRunning(RactoError, RuntimeError):
+    """A final result was asked for while the work is still running."""
+
+
+class EmbeddedError(RactoError, RuntimeError):
+    """The embedded (in-kernel) worker could not start or stop."""
+
+
+class EmbeddedBrokerError(EmbeddedError):
+    """Worker processes were asked for while the kernel's broker lives in the kernel."""
+
+
+class WorkerStartError(RactoError, RuntimeError):
+    """A ``celery worker`` process exited or never got ready; the message carries its log's tail."""
+
+
+# ---------------------------------------------------------------------------- what tasks end as
+
+
+class TaskFailed(RactoError):
     """Final failure of a task, as stored in the result backend."""
 
     def __init__(
@@ -127,7 +118,7 @@ class TaskFailed(Exception):
         return self.message
 
 
-class RetryScheduled(Exception):
+class RetryScheduled(RactoError):
     """Stored while a task waits for its next attempt (Celery state RETRY)."""
 
     def __init__(
@@ -149,10 +140,3 @@ class RetryScheduled(Exception):
 
     def __str__(self) -> str:
         return self.message
-
-
-def describe(exc: BaseException) -> dict[str, Any]:
-    """Fields of a ``TaskResult`` that describe a stored exception of any kind."""
-    if isinstance(exc, (TaskFailed, RetryScheduled)):
-        return {"error": exc.message, "error_type": exc.error_type, "status_code": exc.status_code}
-    return {"error": str(exc) or type(exc).__name__, "error_type": type(exc).__name__}

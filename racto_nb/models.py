@@ -162,8 +162,8 @@ class ChatResponse(BaseModel):
 class BatchProgress(BaseModel):
     """One snapshot of a batch's state: everything a progress view draws.
 
-    Computed by ``racto_nb.batch`` from one read of the result backend; the
-    views in ``racto_nb.progress`` only render it (tqdm's core/front-end split).
+    Computed by ``racto_nb.batch.batch`` from one read of the result backend; the
+    views in ``racto_nb.notebook.views`` only render it (tqdm's core/front-end split).
     """
 
     model_config = ConfigDict(frozen=True)

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from racto_nb.engine.worker import RactoCeleryWorker
 from racto_nb.kits import OpenAIKit
 from racto_nb.testing import FakeOpenAIServer, RedisServer
-from racto_nb.worker import RactoCeleryWorker
 
 #: Threads racto_nb's notebook layer starts; none may outlive its batch.
 RACTO_THREADS = ("racto-watch-", "racto-publish-", "racto-task-")

@@ -16,8 +16,8 @@ from uuid import uuid4
 
 import pytest
 
+from racto_nb.fleet.processes import WorkerProcess
 from racto_nb.testing import FakeOpenAIServer, RedisServer
-from racto_nb.workers import WorkerProcess
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

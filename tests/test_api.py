@@ -10,14 +10,14 @@ import pandas as pd
 import pytest
 
 from racto_nb import api
-from racto_nb.batch import Batch
+from racto_nb.batch.batch import Batch
+from racto_nb.batch.templates import TemplateError
+from racto_nb.engine.worker import RactoCeleryWorker
 from racto_nb.models import TaskResult, TaskStatus
-from racto_nb.progress import WidgetProgressView
-from racto_nb.runs import BatchRun, TaskRun
-from racto_nb.status_line import StatusLine
-from racto_nb.templates import TemplateError
+from racto_nb.notebook.runs import BatchRun, TaskRun
+from racto_nb.notebook.status_line import StatusLine
+from racto_nb.notebook.views import WidgetProgressView
 from racto_nb.testing import FakeOpenAIServer, RedisServer
-from racto_nb.worker import RactoCeleryWorker
 from tests.batch_support import sent_messages, settle_threads, task_meta_channels, worker
 
 __all__ = ["worker"]  # fixture, imported for pytest

@@ -10,12 +10,12 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from racto_nb.batch import Batch
+from racto_nb.batch.batch import Batch
+from racto_nb.batch.templates import render_rows
+from racto_nb.engine.results import manifest_key
+from racto_nb.engine.worker import RactoCeleryWorker
 from racto_nb.models import TaskStatus
-from racto_nb.results import manifest_key
-from racto_nb.templates import render_rows
 from racto_nb.testing import FakeOpenAIServer, RedisServer
-from racto_nb.worker import RactoCeleryWorker
 from tests.batch_support import idle_worker, sent_messages, settle_threads, task_meta_channels, worker
 
 __all__ = ["idle_worker", "worker"]  # fixtures, imported for pytest
@@ -246,7 +246,7 @@ def test_manifest_is_json_and_holds_what_attach_needs(idle_worker: RactoCeleryWo
 def test_rows_the_broker_never_took_fail_and_can_be_retried(
     worker: RactoCeleryWorker, unique_case: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import racto_nb.batch as batch_module
+    import racto_nb.batch.batch as batch_module
 
     real_publish = batch_module.publish_many
 

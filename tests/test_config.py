@@ -11,16 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from racto_nb.config import (
-    ConfigError,
-    RactoConfig,
-    build_celery,
-    build_kit,
-    build_retry,
-    load_config,
-    mask_url,
-)
+from racto_nb.config import ConfigError, RactoConfig, build_retry, load_config, mask_url
+from racto_nb.engine.celery_app import build_celery
 from racto_nb.kits import OpenAIKit
+from racto_nb.kits.factory import build_kit
 from racto_nb.models import RetryConfig
 
 SECRET = "sk-proj-THIS-IS-A-SECRET-1234567890"
@@ -236,12 +230,12 @@ def test_build_celery_amqp_needs_a_result_backend() -> None:
 def test_build_celery_embedded_uses_the_in_process_transport() -> None:
     conf = build_celery(load_config({})).conf
     assert conf.broker_url == "memory://"
-    assert conf.broker_transport == "racto_nb.memory:Transport"
-    assert conf.result_backend == "racto_nb.memory:InProcessBackend"
+    assert conf.broker_transport == "racto_nb.embedded.transport:Transport"
+    assert conf.result_backend == "racto_nb.embedded.transport:InProcessBackend"
 
 
 def test_build_rag_from_an_import_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from racto_nb.config import build_rag
+    from racto_nb.kits.factory import build_rag
     from racto_nb.rag import SimpleRAG
 
     assert build_rag(load_config({})) is None

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import racto_nb
-from racto_nb.connection import current_embedded
+from racto_nb.fleet.connection import connected_worker
 from racto_nb.kits import OpenAIKit
 from racto_nb.models import ChatConfig, ChatResponse, TaskStatus
 from racto_nb.testing import FakeOpenAIServer
@@ -68,7 +68,7 @@ def test_connect_runs_a_100_row_batch_in_process(fake_openai: FakeOpenAIServer, 
     assert fake_openai.count(unique_case) == 100
 
     racto_nb.disconnect()
-    assert embedded_threads() == [] and current_embedded() is None
+    assert embedded_threads() == [] and connected_worker() is None
 
 
 @pytest.mark.usefixtures("fake_env")

@@ -14,9 +14,9 @@ import pytest
 from celery import Celery
 
 from racto_nb import BatchItem, RactoCeleryWorker, RetryConfig, TaskResult, TaskStatus
+from racto_nb.fleet.processes import WorkerProcess
 from racto_nb.kits import OpenAIKit
 from racto_nb.testing import FakeOpenAIServer, RedisServer
-from racto_nb.workers import WorkerProcess
 from tests.conftest import WORKER_API_KEY
 
 pytestmark = pytest.mark.usefixtures("engine_worker")

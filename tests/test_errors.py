@@ -10,7 +10,8 @@ import pytest
 from pydantic import BaseModel, ValidationError
 from ractogateway.exceptions import RactoGatewayAPIError, RactoGatewayAuthError, RactoGatewayTimeoutError
 
-from racto_nb.errors import RetryScheduled, TaskFailed, classify, parse_retry_after
+from racto_nb.engine.classify import classify, parse_retry_after
+from racto_nb.errors import RetryScheduled, TaskFailed
 
 try:  # openai >= 3 ships its own fork of httpx
     import httpx2 as httpx

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 import racto_nb
-from racto_nb import fleet
+from racto_nb import api as fleet
+from racto_nb.fleet.processes import WorkerProcess
 from racto_nb.models import TaskStatus
 from racto_nb.testing import FakeOpenAIServer, RedisServer, free_port
-from racto_nb.workers import WorkerProcess
 
 pytestmark = pytest.mark.slow
 

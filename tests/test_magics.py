@@ -16,11 +16,11 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 import racto_nb
-from racto_nb import display as racto_display
+from racto_nb.engine.worker import RactoCeleryWorker
 from racto_nb.models import TaskResult, TaskStatus
-from racto_nb.runs import BatchRun, TaskRun
+from racto_nb.notebook import display as racto_display
+from racto_nb.notebook.runs import BatchRun, TaskRun
 from racto_nb.testing import FakeOpenAIServer, RedisServer
-from racto_nb.worker import RactoCeleryWorker
 from tests.batch_support import sent_messages, settle_threads, worker
 
 __all__ = ["worker"]  # fixture, imported for pytest
@@ -302,7 +302,7 @@ def test_connect_magic_calls_connect_with_the_url(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import racto_nb.connection
+    from racto_nb import api
 
     calls: list[Any] = []
 
@@ -310,7 +310,7 @@ def test_connect_magic_calls_connect_with_the_url(
         calls.append(target)
         return worker
 
-    monkeypatch.setattr(racto_nb.connection, "connect", fake_connect)
+    monkeypatch.setattr(api, "connect", fake_connect)
 
     shell.run_line_magic("racto_connect", "redis://user:secret@127.0.0.1:6379/3")
     shell.run_line_magic("racto_connect", "")

@@ -21,7 +21,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import CapturedIO, capture_output
 
 import racto_nb
-from racto_nb import fleet
+from racto_nb import api as fleet
 from racto_nb.models import TaskResult, TaskStatus
 from racto_nb.testing import FakeOpenAIServer, RedisServer, free_port
 

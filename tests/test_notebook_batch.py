@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from racto_nb.fleet.processes import WorkerProcess
 from racto_nb.testing import FakeOpenAIServer, RedisServer
-from racto_nb.workers import WorkerProcess
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")

@@ -15,10 +15,11 @@ import comm
 import pytest
 
 from racto_nb.models import BatchProgress, TaskResult, TaskStatus
-from racto_nb.progress import (
-    NullProgressView,
-    ProgressView,
+from racto_nb.notebook.status_line import StatusLine, TextStatusLine, WidgetStatusLine
+from racto_nb.notebook.views import (
+    NullView,
     TextProgressView,
+    View,
     WidgetProgressView,
     fmt_counts,
     fmt_duration,
@@ -26,7 +27,6 @@ from racto_nb.progress import (
     fmt_stats,
     make_view,
 )
-from racto_nb.status_line import StatusLine, TextStatusLine, WidgetStatusLine
 
 S = TaskStatus
 BATCH = "1234abcd-5678-90ef-aaaa-bbbbccccdddd"
@@ -300,10 +300,10 @@ def test_fmt_counts_mentions_revoked_and_cancel_only_when_they_happen() -> None:
 
 def test_make_view_outside_a_kernel_is_text() -> None:
     assert isinstance(make_view(), TextProgressView)
-    assert isinstance(make_view(prefer="none"), NullProgressView)
+    assert isinstance(make_view(prefer="none"), NullView)
     assert isinstance(make_view(prefer="widget"), WidgetProgressView)
     for view in (make_view(), make_view(prefer="none"), widget_view()):
-        assert isinstance(view, ProgressView)
+        assert isinstance(view, View)
 
 
 def test_make_view_in_a_kernel_is_widget(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from racto_nb.templates import TemplateError, interpolate, placeholders, render_rows
+from racto_nb.batch.templates import TemplateError, interpolate, placeholders, render_rows
 
 
 @pytest.mark.parametrize(

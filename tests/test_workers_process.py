@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+from racto_nb.fleet.processes import WorkerPool, WorkerProcess
 from racto_nb.testing import RedisServer
-from racto_nb.workers import WorkerPool, WorkerProcess
 
 PING_APP = "tests.worker_apps.ping_app:app"
 

@@ -1,4 +1,4 @@
-"""The kit protocol and the bridge from a worker's JSON payload to a kit call."""
+"""The kit and RAG protocols, and the bridge from a worker's JSON payload to a kit call."""
 
 from __future__ import annotations
 
@@ -6,14 +6,41 @@ import enum
 import json
 from typing import Any, Protocol, runtime_checkable
 
+from racto_nb.errors import InvalidSource
 from racto_nb.models import ChatConfig, ChatResponse
 
 
 @runtime_checkable
 class Kit(Protocol):
-    """Anything that answers a chat: racto_nb kits, RactoGateway kits, your own."""
+    """Anything that answers a chat: racto_nb kits, RactoGateway kits, your own.
+
+    ``config`` is a :class:`~racto_nb.models.ChatConfig` (or RactoGateway's own,
+    for its kits); the answer may be a ``ChatResponse``, any pydantic model with
+    its fields, a dict or a plain string (see :func:`to_response_dict`).
+    """
 
     def chat(self, config: Any) -> Any: ...
+
+
+@runtime_checkable
+class Rag(Protocol):
+    """Anything that ingests a document for retrieval: ``ingest(path, **metadata)`` returns its chunks."""
+
+    def ingest(self, path: str, **metadata: Any) -> Any: ...
+
+
+def require_kit(kit: object, what: str = "kit") -> Kit:
+    """``kit`` if it has ``chat(config)``, else a one-line error naming what it is instead."""
+    if not isinstance(kit, Kit):
+        raise InvalidSource(f"{what} must have a chat(config) method; got {type(kit).__name__}")
+    return kit
+
+
+def require_rag(rag: object | None) -> Rag | None:
+    """``rag`` (or ``None``) if it has ``ingest(path, **metadata)``, else a one-line error."""
+    if rag is not None and not isinstance(rag, Rag):
+        raise InvalidSource(f"rag must have an ingest(path, **metadata) method; got {type(rag).__name__}")
+    return rag
 
 
 def chat_messages(system_prompt: str | None, config: ChatConfig) -> list[dict[str, str]]:
@@ -28,12 +55,12 @@ def chat_messages(system_prompt: str | None, config: ChatConfig) -> list[dict[st
     return [*messages, *history, {"role": "user", "content": config.user_message}]
 
 
-def run_chat(kit: Any, config: ChatConfig) -> dict[str, Any]:
+def run_chat(kit: Kit, config: ChatConfig) -> dict[str, Any]:
     """Call ``kit.chat`` with the config type it understands and return JSON."""
     return to_response_dict(kit.chat(_config_for(kit, config)))
 
 
-def _config_for(kit: Any, config: ChatConfig) -> Any:
+def _config_for(kit: Kit, config: ChatConfig) -> Any:
     # RactoGateway kits type-check their input against their own ChatConfig;
     # ours is field-compatible, so re-validating its dump is a faithful copy.
     if type(kit).__module__.startswith("ractogateway."):
@@ -59,9 +86,7 @@ def to_response_dict(response: Any) -> dict[str, Any]:
     elif hasattr(response, "model_dump"):
         data = response.model_dump(mode="json", exclude={"raw"})
     else:
-        raise TypeError(
-            f"kit.chat() returned {type(response).__name__}; return a ChatResponse, a dict or a str"
-        )
+        raise TypeError(f"kit.chat() returned {type(response).__name__}; return a ChatResponse, a dict or a str")
     out = {name: _jsonable(data.get(name)) for name in _RESPONSE_FIELDS}
     if out["parsed"] is None and isinstance(out["content"], str):
         out["parsed"] = parse_json_content(out["content"])

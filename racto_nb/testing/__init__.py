@@ -16,9 +16,9 @@ those who ask for :class:`RedisServer`).
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from racto_nb.lazy import lazy_attributes
 from racto_nb.testing._net import free_port
 
 if TYPE_CHECKING:
@@ -39,17 +39,10 @@ __all__ = [
     "free_port",
 ]
 
-_LAZY = {
+__getattr__, __dir__ = lazy_attributes(__name__, {
     "FakeOpenAIControl": "racto_nb.testing.openai_server",
     "FakeOpenAIServer": "racto_nb.testing.openai_server",
     "Fault": "racto_nb.testing.openai_server",
     "RecordedRequest": "racto_nb.testing.openai_server",
     "RedisServer": "racto_nb.testing.redis_server",
-}
-
-
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'racto_nb.testing' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+})

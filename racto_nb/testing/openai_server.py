@@ -58,8 +58,10 @@ import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any, Literal, Protocol, TypeAlias, cast
+
+from racto_nb.lifecycle import StartStop
 
 __all__ = [
     "DEFAULT_CASE",
@@ -602,7 +604,7 @@ class _FakeHTTPServer(ThreadingHTTPServer):
                 conn.shutdown(socket.SHUT_RDWR)
 
 
-class FakeOpenAIServer:
+class FakeOpenAIServer(StartStop):
     """The server, in a daemon thread of this process.
 
     ``latency_s`` is added to every chat/embeddings request (benchmarks use it
@@ -670,17 +672,6 @@ class FakeOpenAIServer:
         httpd.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
-
-    def __enter__(self) -> FakeOpenAIServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- control --------------------------------------------------------------
 

@@ -13,11 +13,11 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import redis
 
+from racto_nb.lifecycle import StartStop
 from racto_nb.testing._net import free_port
 
 __all__ = ["RedisServer"]
@@ -25,7 +25,7 @@ __all__ = ["RedisServer"]
 _PORT_ATTEMPTS = 3
 
 
-class RedisServer:
+class RedisServer(StartStop):
     """``redis-server`` as a subprocess: ``with RedisServer() as rs: rs.url``.
 
     ``port=None`` picks a free port, and retries with another if someone else
@@ -161,14 +161,3 @@ class RedisServer:
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -1,119 +1,29 @@
-"""Worker processes and fleet status, as plain functions the magics wrap.
+"""The fleet's state at one moment: is the broker there, which workers are online, what waits.
 
-``%racto_workers start N`` is :func:`start_workers`, ``%racto_workers stop``
-is :func:`stop_workers`, ``%racto_status`` displays :func:`status`. Workers
-started here are ``celery -A racto_nb.app worker`` processes that inherit
-this kernel's environment, plus the broker this kernel is connected to, so
-their configuration (kit, retry policy, worker name) matches the notebook's.
+``%racto_status`` displays :func:`status`. Every step has a deadline, so a dead
+or silent broker is reported within the timeout instead of hanging the cell.
 """
 
 from __future__ import annotations
 
 import html
 import time
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 from celery import Celery
 from pydantic import BaseModel, ConfigDict, Field
 
-from racto_nb import connection
-from racto_nb.config import build_celery, env_name, is_embedded_url, load_config, mask_url
-from racto_nb.probe import broker_unreachable_message, call_with_deadline, connect_once, queue_depth
-from racto_nb.worker import RactoCeleryWorker
-from racto_nb.workers import WorkerPool, WorkerProcess
+from racto_nb.config import BROKER_ANSWER_TIMEOUT_S, is_embedded_url, load_config, mask_url
+from racto_nb.engine.celery_app import build_celery
+from racto_nb.engine.worker import RactoCeleryWorker
+from racto_nb.errors import InvalidSource
+from racto_nb.fleet.connection import connected_worker
+from racto_nb.fleet.probe import broker_unreachable_message, call_with_deadline, connect_once, queue_depth
 
-__all__ = [
-    "DEFAULT_APP",
-    "EmbeddedBrokerError",
-    "FleetStatus",
-    "WorkerInfo",
-    "running_workers",
-    "start_workers",
-    "status",
-    "stop_workers",
-]
+__all__ = ["FleetStatus", "WorkerInfo", "status"]
 
-DEFAULT_APP = "racto_nb.app"
 #: How long ``inspect`` collects worker replies: every online worker answers well within it.
 INSPECT_TIMEOUT_S = 1.0
-
-_started: list[WorkerProcess] = []
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def start_workers(
-    n: int = 1,
-    *,
-    concurrency: int = 32,
-    app: str = DEFAULT_APP,
-    timeout_s: float = 60.0,
-    cwd: Path | None = None,
-) -> list[WorkerProcess]:
-    """Start ``n`` worker processes (thread pool of ``concurrency``) and wait until they take tasks.
-
-    They inherit this process's environment (so ``RACTO_*`` settings and API
-    keys match) and run in ``cwd`` (default: the notebook's directory, so a
-    ``racto_nb.toml`` or an app module next to the notebook is found). With
-    the default app they also get the broker and result backend this kernel
-    is connected to. Stop them with :func:`stop_workers`; they are also
-    stopped when the kernel exits.
-
-    Raises:
-        RuntimeError: the current connection is embedded (in-process), which
-            other processes cannot reach; or a worker failed to start (with
-            its log's tail).
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1 (got {n})")
-    env = _broker_env() if app == DEFAULT_APP else {}
-    pool = WorkerPool.of(app, n, concurrency=concurrency, env=env, cwd=cwd or Path.cwd())
-    pool.start(timeout_s=timeout_s)
-    _started.extend(pool.workers)
-    return list(pool.workers)
-
-
-def stop_workers(workers: Sequence[WorkerProcess] | None = None, *, timeout_s: float = 10.0) -> int:
-    """Warm-stop ``workers`` (default: every worker :func:`start_workers` started); return how many."""
-    chosen = list(_started if workers is None else workers)
-    stopped = [w for w in chosen if w.is_alive()]
-    WorkerPool(chosen).stop(timeout_s=timeout_s)
-    _started[:] = [w for w in _started if w not in chosen]
-    return len(stopped)
-
-
-def running_workers() -> list[WorkerProcess]:
-    """Workers started by :func:`start_workers` that are still alive."""
-    return [w for w in _started if w.is_alive()]
-
-
-class EmbeddedBrokerError(RuntimeError):
-    """Worker processes were asked for while the kernel's broker lives in the kernel."""
-
-
-def _broker_env() -> dict[str, str]:
-    current = connection._current
-    if current is not None:
-        broker = str(current.app.conf.broker_url or "")
-        backend = current.app.conf.result_backend
-    else:
-        cfg = load_config()
-        broker, backend = cfg.broker_url or "", cfg.result_backend
-    if is_embedded_url(broker or None):
-        raise EmbeddedBrokerError(
-            "worker processes need a broker they can reach, and this kernel runs embedded (in-process). "
-            "Start Redis (`redis-server --daemonize yes`) and call "
-            "racto_nb.connect('redis://127.0.0.1:6379/0') first, or set "
-            f"{env_name('broker_url')} before starting the kernel"
-        )
-    env = {env_name("broker_url"): broker}
-    if isinstance(backend, str) and "://" in backend:
-        env[env_name("result_backend")] = backend
-    return env
-
 
 # --------------------------------------------------------------------------- status
 
@@ -174,7 +84,9 @@ class FleetStatus(BaseModel):
         return f"<table style='border-left:3px solid {colour}'>{body}</table>"
 
 
-def status(target: RactoCeleryWorker | Celery | str | None = None, *, timeout_s: float = 5.0) -> FleetStatus:
+def status(
+    target: RactoCeleryWorker | Celery | str | None = None, *, timeout_s: float = BROKER_ANSWER_TIMEOUT_S
+) -> FleetStatus:
     """Check the broker, list workers online and count queued tasks, in at most about ``timeout_s``.
 
     ``target`` is a worker, a Celery app or a broker URL; by default the
@@ -243,8 +155,8 @@ def _app_for(target: RactoCeleryWorker | Celery | str | None) -> Celery:
     if isinstance(target, str):
         return build_celery(load_config(), broker_url=target)
     if target is not None:
-        raise TypeError(f"status() takes a worker, a Celery app or a broker URL, not {type(target).__name__}")
-    current = connection._current
+        raise InvalidSource(f"status() takes a worker, a Celery app or a broker URL, not {type(target).__name__}")
+    current = connected_worker()
     return current.app if current is not None else build_celery(load_config())
 
 

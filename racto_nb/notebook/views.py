@@ -1,69 +1,102 @@
-"""Front-ends that draw a batch's progress; they never compute it.
+"""Views: front-ends that draw state computed elsewhere, and the protocol they share.
 
-``racto_nb.batch`` reads the result backend, folds it into a frozen
-``BatchProgress`` and calls ``view.update(progress)``. The views here only turn
-that snapshot into pixels or characters (tqdm's core/front-end split), so they
-are tested by handing them snapshots, with no Celery and no browser.
+``racto_nb.batch.batch`` reads the result backend, folds it into a frozen
+``BatchProgress`` and calls ``view.update(progress)``; a task's follower does
+the same with a ``TaskResult``. Views only turn a snapshot into pixels or
+characters (tqdm's core/front-end split), so they are tested by handing them
+snapshots, with no Celery and no browser. Threads that draw: see
+:mod:`racto_nb.notebook.kernel`.
 
-Background threads and ipykernel 7
-----------------------------------
-The engine may call ``update`` from a polling thread while the user keeps
-working in other cells. What we found in ipykernel 7.4:
-
-* ``Widget.send_state`` ends in ``ipykernel.comm.BaseComm.publish_msg``, which
-  stamps the message with ``kernel.get_parent()``. That reads a ``ContextVar``;
-  a thread started with ``threading.Thread`` has an empty context, so the
-  lookup falls back to the context saved by the *latest* ``set_parent``, i.e.
-  whatever cell ran last, or the ``comm_msg`` of the last button click. That
-  is ipywidgets #4020 (7.0.0 also crashed in a thread hook, #4001; 7.0.1 dropped
-  the hook, ipykernel #1451).
-* Front-ends (JupyterLab's ``KernelConnection``, classic Notebook) dispatch
-  ``comm_msg`` by ``comm_id`` whatever its parent header says, so state updates
-  from a thread arrive either way. The parent matters for the ``Output``
-  widget's capture (matched on ``msg_id``) and for ``print``/``display`` from
-  the thread, which land in whichever cell ran last.
-
-So the views use no ``Output`` widget and print nothing from threads; they set
-widget traits only. On top of that, ``CellContext`` copies the contextvars of
-the cell that built (or displayed) the view and runs writes from any other
-thread inside a copy of them. The kernel's shell parent and the parents of the
-display publisher and streams are all ``ContextVar``s in ipykernel 7, so every
-message the update sends carries the originating cell's header, with no
-private API and without ``set_parent`` from a thread, which would move the
-global fallback for every other thread. The copy is made per call because a
-``Context`` cannot be entered by two threads at once.
+Every view, batch or task, widget or text, is a :class:`View`: it declares what
+it can do (``interactive``: buttons that stay useful after the work ends) and
+decides itself how to show a one-off message (:meth:`View.announce`), so the
+code that drives a view never asks which class it got.
 """
 
 from __future__ import annotations
 
-import contextvars
 import html
-import importlib.util
 import math
 import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Literal, Protocol, TextIO, runtime_checkable
+from typing import Any, Literal, Protocol, TextIO, TypeVar, runtime_checkable
 
-from racto_nb.models import BatchProgress, TaskStatus
+from racto_nb.errors import InvalidArgument
+from racto_nb.models import BatchProgress, TaskResult, TaskStatus
+from racto_nb.notebook.kernel import CellContext, ipython_display, widgets_available
 
 __all__ = [
     "COUNT_ORDER",
-    "CellContext",
-    "NullProgressView",
+    "PROGRESS_CHOICES",
+    "NullView",
+    "ProgressChoice",
     "ProgressView",
+    "StatusView",
     "TextProgressView",
+    "View",
     "WidgetProgressView",
     "bar_style",
+    "check_progress",
     "fmt_counts",
     "fmt_duration",
     "fmt_rate",
     "fmt_stats",
-    "ipython_display",
+    "front_end",
     "make_view",
-    "widgets_available",
+    "notice",
 ]
+
+S = TypeVar("S", contravariant=True)
+
+
+@runtime_checkable
+class View(Protocol[S]):
+    """What the notebook layer draws through; it never needs to know which front-end it got."""
+
+    #: The view has controls (buttons) that stay useful after the work ends, so it is kept live.
+    interactive: bool
+
+    def display(self) -> None:
+        """Show the view; called once, in the cell's own thread, before any update."""
+
+    def update(self, state: S) -> None:
+        """Draw ``state``; safe from any thread."""
+
+    def close(self, final: S | None = None) -> None:
+        """Draw ``final`` (if given) and stop drawing."""
+
+    def announce(self, text: str) -> None:
+        """Show a one-off message the way this view's audience reads it (or not at all)."""
+
+
+#: A batch's view draws ``BatchProgress`` snapshots; a task's status line draws ``TaskResult``s.
+ProgressView = View[BatchProgress]
+StatusView = View[TaskResult]
+
+
+def notice(text: str) -> None:
+    """A message for the person at the notebook (stdout: stderr reads as an error)."""
+    print(text, file=sys.stdout, flush=True)
+
+
+class NullView:
+    """``progress="none"``: the behaviour without any output, for scripts and tests."""
+
+    interactive = False
+
+    def display(self) -> None:
+        """Nothing to show."""
+
+    def update(self, state: object) -> None:
+        """Draw nothing."""
+
+    def close(self, final: object = None) -> None:
+        """Nothing to release."""
+
+    def announce(self, text: str) -> None:
+        """Say nothing."""
 
 #: The order count labels appear in: the order a task moves through them.
 COUNT_ORDER: tuple[TaskStatus, ...] = (
@@ -156,65 +189,7 @@ def _header_html(title: str, batch_id: str) -> str:
     )
 
 
-def ipython_display(obj: object) -> None:
-    """``IPython.display.display``, typed (IPython leaves it unannotated) and imported late."""
-    from IPython.display import display
-
-    show: Callable[[object], object] = display
-    show(obj)
-
-
 # --- views ----------------------------------------------------------------------------------------------
-
-
-@runtime_checkable
-class ProgressView(Protocol):
-    """What the batch engine draws through; it never needs to know which front-end it got."""
-
-    def update(self, progress: BatchProgress) -> None: ...
-
-    def close(self, final: BatchProgress | None = None) -> None: ...
-
-    def display(self) -> None: ...
-
-
-class NullProgressView:
-    """For scripts and tests that want the engine's behaviour without any output."""
-
-    def update(self, progress: BatchProgress) -> None:
-        """Draw nothing."""
-
-    def close(self, final: BatchProgress | None = None) -> None:
-        """Nothing to release."""
-
-    def display(self) -> None:
-        """Nothing to show."""
-
-
-class CellContext:
-    """The contextvars of the cell that owns a view, replayed in threads (see module docstring)."""
-
-    def __init__(self) -> None:
-        self._ctx: contextvars.Context | None = None
-        self._owner = 0
-        self.capture()
-
-    def capture(self) -> None:
-        """Remember the calling thread's context; called where a cell is known to be running."""
-        self._ctx = contextvars.copy_context()
-        self._owner = threading.get_ident()
-
-    def release(self) -> None:
-        """Drop the snapshot: it pins the cell's parent header and every other var of that cell."""
-        self._ctx = None
-
-    def run(self, fn: Callable[[], None]) -> None:
-        """Call ``fn`` so its widget messages carry the owning cell's parent header."""
-        ctx = self._ctx
-        if ctx is None or threading.get_ident() == self._owner:
-            fn()
-        else:
-            ctx.copy().run(fn)
 
 
 class WidgetProgressView:
@@ -227,11 +202,14 @@ class WidgetProgressView:
     cannot paint an older snapshot over the final one.
     """
 
+    #: The "Retry failed" button stays useful after the batch ends.
+    interactive = True
+
     def __init__(
         self,
         *,
-        on_cancel: Callable[[], None] | None = None,
-        on_retry_failed: Callable[[], None] | None = None,
+        on_cancel: Callable[[], object] | None = None,
+        on_retry_failed: Callable[[], object] | None = None,
         title: str = "",
     ) -> None:
         import ipywidgets as widgets  # deferred: workers and text-only sessions never pay for it
@@ -280,6 +258,9 @@ class WidgetProgressView:
         """Show the panel and adopt the displaying cell as the one updates are sent for."""
         self._ctx.capture()
         ipython_display(self.box)
+
+    def announce(self, text: str) -> None:
+        """Nothing to add: the header already names the batch and how to reattach."""
 
     def update(self, progress: BatchProgress) -> None:
         """Draw ``progress``; safe from any thread, serialised so snapshots never interleave."""
@@ -342,6 +323,8 @@ class TextProgressView:
     replacement stream is honoured.
     """
 
+    interactive = False
+
     def __init__(self, file: TextIO | None = None, *, title: str = "", mininterval: float = 0.5) -> None:
         self._file = file if file is not None else sys.stderr
         self._title = title
@@ -351,6 +334,10 @@ class TextProgressView:
 
     def display(self) -> None:
         """Nothing to do: tqdm draws on the first update."""
+
+    def announce(self, text: str) -> None:
+        """Print it: a terminal or a log has no header to carry it."""
+        notice(text)
 
     def update(self, progress: BatchProgress) -> None:
         """Move the bar; tqdm itself throttles redraws to ``mininterval``."""
@@ -406,34 +393,39 @@ class TextProgressView:
 
 # --- choosing a view ------------------------------------------------------------------------------------
 
+#: ``auto``: widgets in a kernel, text elsewhere; ``none``: no output at all.
+ProgressChoice = Literal["auto", "widget", "text", "none"]
+PROGRESS_CHOICES: tuple[ProgressChoice, ...] = ("auto", "widget", "text", "none")
 
-def widgets_available() -> bool:
-    """``True`` in a Jupyter kernel (a ``ZMQInteractiveShell`` or subclass, e.g. Colab's) with
-    ipywidgets importable: the only place a widget view renders as more than a repr."""
-    try:
-        from IPython.core import getipython
-    except ImportError:
-        return False
-    get_shell: Callable[[], object] = getipython.get_ipython  # IPython leaves it unannotated
-    shell = get_shell()
-    if shell is None or not any(cls.__name__ == "ZMQInteractiveShell" for cls in type(shell).__mro__):
-        return False
-    return importlib.util.find_spec("ipywidgets") is not None
+
+def check_progress(progress: object) -> None:
+    """Reject an unknown progress choice before anything is sent."""
+    if isinstance(progress, str) and progress not in PROGRESS_CHOICES:
+        raise InvalidArgument(f"progress must be one of {', '.join(PROGRESS_CHOICES)}, not {progress!r}")
+
+
+def front_end(prefer: ProgressChoice) -> Literal["widget", "text", "none"]:
+    """Which front-end can actually be seen where the code runs; ``prefer`` overrides the guess
+    (nbconvert runs a real kernel but keeps no widget state, so it needs ``"text"``)."""
+    check_progress(prefer)
+    if prefer == "auto":
+        return "widget" if widgets_available() else "text"
+    return prefer
 
 
 def make_view(
+    prefer: ProgressChoice | ProgressView = "auto",
     *,
-    on_cancel: Callable[[], None] | None = None,
-    on_retry_failed: Callable[[], None] | None = None,
-    prefer: Literal["auto", "widget", "text", "none"] = "auto",
+    on_cancel: Callable[[], object] | None = None,
+    on_retry_failed: Callable[[], object] | None = None,
     title: str = "",
 ) -> ProgressView:
-    """The view that can actually be seen where the code runs; ``prefer`` overrides the guess
-    (nbconvert runs a real kernel but keeps no widget state, so it needs ``"text"``)."""
-    if prefer == "none":
-        return NullProgressView()
-    if prefer == "widget" or (prefer == "auto" and widgets_available()):
+    """The batch view for ``prefer``; a ready-made view object is used as it is."""
+    if not isinstance(prefer, str):
+        return prefer
+    chosen = front_end(prefer)
+    if chosen == "widget":
         return WidgetProgressView(on_cancel=on_cancel, on_retry_failed=on_retry_failed, title=title)
-    if prefer in ("auto", "text"):
+    if chosen == "text":
         return TextProgressView(title=title)
-    raise ValueError(f"prefer must be 'auto', 'widget', 'text' or 'none', not {prefer!r}")
+    return NullView()

@@ -19,12 +19,11 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from racto_nb.templates import TemplateError
+from racto_nb.errors import RactoError
 
 __all__ = ["check_name", "evaluate", "parse_line", "series_parent", "split_expr", "usage_errors"]
 
 _OPTION_START = re.compile(r"(?:^|(?<=\s))--?[A-Za-z]")
-_COLUMN_OF = re.compile(r"""^\s*([A-Za-z_]\w*)\s*(?:\[\s*(['"])(.+?)\2\s*\]|\.([A-Za-z_]\w*))\s*$""")
 
 
 def split_expr(line: str) -> tuple[str, str]:
@@ -65,15 +64,32 @@ def evaluate(shell: Any, expr: str) -> Any:
         raise UsageError(f"cannot evaluate {expr!r}: {type(exc).__name__}: {exc}") from None
 
 
-def series_parent(shell: Any, expr: str) -> Any:
-    """For ``df["col"]`` or ``df.col``: the frame ``df``, so write-back and custom ids reach it."""
-    match = _COLUMN_OF.match(expr)
-    if match is None:
-        return None
+def series_parent(shell: Any, series: Any) -> Any:
+    """The DataFrame in the user's namespace that ``series`` is a column of, or ``None``.
+
+    Found by what the Series *is*, not by how the line spells it: a frame whose
+    column of that name holds the very same data (``df["col"]``, ``df.col``,
+    ``df.loc[:, "col"]``), on the same index. A derived Series (filtered,
+    copied, ``.str.lower()``) has no parent, and neither has one that two
+    different frames share.
+    """
+    import numpy as np
     import pandas as pd
 
-    parent = shell.user_ns.get(match.group(1))
-    return parent if isinstance(parent, pd.DataFrame) else None
+    name = series.name
+    found: dict[int, Any] = {}
+    for var, value in shell.user_ns.items():
+        if var.startswith("_") or not isinstance(value, pd.DataFrame) or name not in value.columns:
+            continue
+        column = value[name]
+        if not isinstance(column, pd.Series) or not column.index.equals(series.index):
+            continue
+        same = column.array is series.array
+        if not same:  # numpy-backed columns: a new wrapper around the same buffer
+            same = bool(np.shares_memory(column.to_numpy(copy=False), series.to_numpy(copy=False)))
+        if same:
+            found[id(value)] = value
+    return next(iter(found.values())) if len(found) == 1 else None
 
 
 def check_name(name: str | None, option: str) -> None:
@@ -87,6 +103,6 @@ def usage_errors() -> Iterator[None]:
     """Bad input becomes a one-line ``UsageError`` (shown without a traceback), as jupysql does."""
     try:
         yield
-    except (TemplateError, ValueError, LookupError, TypeError) as exc:
+    except (RactoError, ValueError, LookupError, TypeError) as exc:
         text = "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
         raise UsageError(text or type(exc).__name__) from None

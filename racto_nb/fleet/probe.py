@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 from celery import Celery
 
-from racto_nb.config import env_name, is_embedded_url, mask_url
+from racto_nb.config import BROKER_ANSWER_TIMEOUT_S, env_name, is_embedded_url, mask_url
+from racto_nb.errors import BrokerUnreachable
 
 __all__ = [
     "broker_unreachable_message",
@@ -72,7 +73,7 @@ def broker_unreachable_message(url: str | None, reason: str) -> str:
     )
 
 
-def check_broker(app: Celery, timeout_s: float = 5.0) -> float:
+def check_broker(app: Celery, timeout_s: float = BROKER_ANSWER_TIMEOUT_S) -> float:
     """Connect to ``app``'s broker once; return the latency in seconds.
 
     Raises:
@@ -85,7 +86,7 @@ def check_broker(app: Celery, timeout_s: float = 5.0) -> float:
         return call_with_deadline(lambda: connect_once(app), timeout_s, "the broker")
     except Exception as exc:
         reason = str(exc) or type(exc).__name__
-        raise ConnectionError(broker_unreachable_message(url, reason)) from None
+        raise BrokerUnreachable(broker_unreachable_message(url, reason)) from None
 
 
 def queue_depth(app: Celery, queue: str | None = None) -> int:

@@ -18,8 +18,9 @@ from typing import Any, TypeAlias
 
 import pandas as pd
 
+from racto_nb.batch.templates import MissingRule, placeholders, render_rows
+from racto_nb.errors import InvalidArgument, InvalidSource, TemplateError
 from racto_nb.models import BatchItem
-from racto_nb.templates import MissingRule, TemplateError, placeholders, render_rows
 
 __all__ = ["Rows", "Source", "prepare_rows"]
 
@@ -68,7 +69,7 @@ def _as_table(
 ) -> tuple[pd.DataFrame, str, pd.DataFrame | None]:
     """(the rows as a frame, the template, the frame results may be written back to)."""
     if frame is not None and not isinstance(frame, pd.DataFrame):
-        raise TypeError(f"frame must be the DataFrame the Series came from, not {type(frame).__name__}")
+        raise InvalidSource(f"frame must be the DataFrame the Series came from, not {type(frame).__name__}")
     if isinstance(source, pd.DataFrame):
         if template is None:
             raise TemplateError(
@@ -76,7 +77,7 @@ def _as_table(
                 "(or send one column as it is: df['review'])"
             )
         if frame is not None:
-            raise ValueError("frame= is for a Series source; the DataFrame itself is the frame here")
+            raise InvalidArgument("frame= is for a Series source; the DataFrame itself is the frame here")
         return source, template, source
     if isinstance(source, pd.Series):
         name = source.name
@@ -89,18 +90,18 @@ def _as_table(
                 "For several columns run over the DataFrame (%%racto_batch df)"
             )
         if frame is not None and not frame.index.equals(source.index):
-            raise ValueError(
+            raise InvalidArgument(
                 "frame's index differs from the Series' index; pass the frame the Series came from"
             )
         return source.to_frame(name=column), template, frame
     if isinstance(source, (list, tuple)):
         bad = [type(v).__name__ for v in source if v is not None and not isinstance(v, str)][:3]
         if bad:
-            raise TypeError(f"a list source must hold strings (or None); found {', '.join(bad)}")
+            raise InvalidSource(f"a list source must hold strings (or None); found {', '.join(bad)}")
         if frame is not None:
-            raise ValueError("frame= is for a Series source, not a list")
+            raise InvalidArgument("frame= is for a Series source, not a list")
         return pd.DataFrame({"value": list(source)}), template or "{value}", None
-    raise TypeError(
+    raise InvalidSource(
         f"source must be a DataFrame (with a template), a Series such as df['review'], or a list of str; "
         f"got {type(source).__name__}"
     )
@@ -110,11 +111,11 @@ def _with_custom_ids(
     prompts: list[str | None], owner: pd.DataFrame | None, column: str
 ) -> list[str | BatchItem | None]:
     if owner is None:
-        raise ValueError(
+        raise InvalidArgument(
             "custom_id names a column of the source DataFrame; pass frame=df with a Series source"
         )
     if column not in owner.columns:
-        raise ValueError(
+        raise InvalidArgument(
             f"custom_id column {column!r} is not in the frame; it has: {', '.join(map(str, owner.columns))}"
         )
     ids = [None if _missing(v) else str(v) for v in owner[column].tolist()]
@@ -128,15 +129,15 @@ def _write_back_target(
     owner: pd.DataFrame | None, column: str, reads: list[str], source: Source
 ) -> pd.DataFrame:
     if not isinstance(column, str) or not column:
-        raise ValueError("write_back must be the name of the new column, e.g. write_back='label'")
+        raise InvalidArgument("write_back must be the name of the new column, e.g. write_back='label'")
     if owner is None:
-        raise ValueError(
+        raise InvalidArgument(
             "write_back adds a column to a DataFrame: run over the DataFrame with a template, or pass "
             "frame=df along with the Series df['col']"
         )
     read = set(reads) | ({source.name} if isinstance(source, pd.Series) else set())
     if column in read:
-        raise ValueError(
+        raise InvalidArgument(
             f"write_back={column!r} would overwrite the column the prompts are made from; pick a new name"
         )
     return owner

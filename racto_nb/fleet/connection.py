@@ -22,23 +22,28 @@ import threading
 from typing import Any
 
 from racto_nb.config import (
+    BROKER_ANSWER_TIMEOUT_S,
+    DEFAULT_EMBEDDED_CONCURRENCY,
     RactoConfig,
-    build_celery,
-    build_kit,
-    build_rag,
     build_retry,
     is_embedded_url,
     load_config,
 )
+from racto_nb.embedded.worker import EmbeddedWorker
+from racto_nb.engine.celery_app import EMBEDDED_BROKER_URL, build_celery
+from racto_nb.engine.worker import RactoCeleryWorker
+from racto_nb.errors import InvalidSource, KitUnavailable
+from racto_nb.fleet.probe import check_broker
+from racto_nb.kits.base import Kit, Rag
+from racto_nb.kits.factory import build_kit, build_rag
 from racto_nb.models import RetryConfig
-from racto_nb.worker import RactoCeleryWorker
 
-__all__ = ["ClientOnlyKit", "connect", "current_embedded", "current_worker", "disconnect"]
+__all__ = ["ClientOnlyKit", "connect", "connected_worker", "current_worker", "disconnect"]
 
 _lock = threading.RLock()
 _current: RactoCeleryWorker | None = None
 _current_key: tuple[Any, ...] | None = None
-_embedded: Any = None  # racto_nb.embedded.EmbeddedWorker, imported lazily
+_embedded: EmbeddedWorker | None = None
 
 
 class ClientOnlyKit:
@@ -65,11 +70,11 @@ class ClientOnlyKit:
 def connect(
     target: str | RactoCeleryWorker | None = None,
     *,
-    kit: Any | None = None,
-    rag: Any | None = None,
+    kit: Kit | None = None,
+    rag: Rag | None = None,
     retry_config: RetryConfig | None = None,
-    concurrency: int = 8,
-    timeout_s: float = 5.0,
+    concurrency: int = DEFAULT_EMBEDDED_CONCURRENCY,
+    timeout_s: float = BROKER_ANSWER_TIMEOUT_S,
     result_backend: str | None = None,
 ) -> RactoCeleryWorker:
     """Make a worker current for this kernel and return it.
@@ -106,7 +111,7 @@ def connect(
             _replace(target, ("worker", id(target)), None)
             return target
         if target is not None and not isinstance(target, str):
-            raise TypeError(f"connect() takes a broker URL or a RactoCeleryWorker, not {type(target).__name__}")
+            raise InvalidSource(f"connect() takes a broker URL or a RactoCeleryWorker, not {type(target).__name__}")
         cfg = load_config()
         url = target or cfg.broker_url
         embedded = is_embedded_url(url)
@@ -134,9 +139,9 @@ def current_worker() -> RactoCeleryWorker:
         return _current if _current is not None else connect()
 
 
-def current_embedded() -> Any:
-    """The running ``EmbeddedWorker`` this module started, or ``None``."""
-    return _embedded
+def connected_worker() -> RactoCeleryWorker | None:
+    """The current worker, or ``None`` when nothing is connected yet (never connects)."""
+    return _current
 
 
 def disconnect(timeout_s: float = 30.0) -> None:
@@ -152,7 +157,7 @@ def disconnect(timeout_s: float = 30.0) -> None:
             runner.stop(timeout_s=timeout_s)
 
 
-def _replace(worker: RactoCeleryWorker, key: tuple[Any, ...], runner: Any) -> None:
+def _replace(worker: RactoCeleryWorker, key: tuple[Any, ...], runner: EmbeddedWorker | None) -> None:
     global _current, _current_key, _embedded
     if _embedded is not None and _embedded is not runner:
         _embedded.stop()
@@ -160,11 +165,9 @@ def _replace(worker: RactoCeleryWorker, key: tuple[Any, ...], runner: Any) -> No
 
 
 def _start_embedded(
-    cfg: RactoConfig, kit: Any | None, rag: Any | None, retry_config: RetryConfig | None, concurrency: int
-) -> tuple[RactoCeleryWorker, Any]:
-    from racto_nb.embedded import EmbeddedWorker
-
-    app = build_celery(cfg, broker_url="memory://")
+    cfg: RactoConfig, kit: Kit | None, rag: Rag | None, retry_config: RetryConfig | None, concurrency: int
+) -> tuple[RactoCeleryWorker, EmbeddedWorker]:
+    app = build_celery(cfg, broker_url=EMBEDDED_BROKER_URL)
     worker = RactoCeleryWorker(
         app,
         kit=build_kit(cfg) if kit is None else kit,
@@ -180,13 +183,11 @@ def _connect_broker(
     cfg: RactoConfig,
     url: str,
     result_backend: str | None,
-    kit: Any | None,
-    rag: Any | None,
+    kit: Kit | None,
+    rag: Rag | None,
     retry_config: RetryConfig | None,
     timeout_s: float,
 ) -> RactoCeleryWorker:
-    from racto_nb.probe import check_broker
-
     backend = result_backend or cfg.result_backend
     if not result_backend and url != cfg.broker_url and url.startswith(("redis://", "rediss://")):
         backend = None  # another Redis than configured: keep results next to its tasks
@@ -195,7 +196,7 @@ def _connect_broker(
     if kit is None:
         try:
             kit = build_kit(cfg)
-        except ImportError as exc:
+        except KitUnavailable as exc:
             kit = ClientOnlyKit(str(exc).split(".")[0])
     retry = retry_config or build_retry(cfg)
     rag = build_rag(cfg) if rag is None else rag

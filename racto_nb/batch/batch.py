@@ -31,14 +31,15 @@ import pandas as pd
 from celery.backends.base import BaseKeyValueStoreBackend
 from celery.utils import uuid
 
-from racto_nb.batch_store import index_from_json, index_to_json, mark_revoked, mget_raw
-from racto_nb.errors import TaskFailed
-from racto_nb.models import BatchItem, BatchProgress, TaskResult, TaskStatus
-from racto_nb.publish import publish_many
-from racto_nb.results import cancel_key, manifest_key, to_task_result
+from racto_nb.batch.store import index_from_json, index_to_json, mark_revoked
+from racto_nb.engine.polling import poll
+from racto_nb.engine.publish import publish_many
+from racto_nb.engine.results import ResultReader, cancel_key, manifest_key
+from racto_nb.errors import BatchNotFound, InvalidArgument, TaskFailed, Unsupported
+from racto_nb.models import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, BatchItem, BatchProgress, TaskResult, TaskStatus
 
 if TYPE_CHECKING:
-    from racto_nb.worker import RactoCeleryWorker
+    from racto_nb.engine.worker import RactoCeleryWorker
 
 #: ``error_type`` of rows that were never sent (their frame status is ``skipped``).
 SKIPPED_ERROR_TYPE = "NotSent"
@@ -102,13 +103,12 @@ class Batch:
         self.publish_error: BaseException | None = None
         self._sent = [position for position, task_id in enumerate(task_ids) if task_id is not None]
         self._results: list[TaskResult | None] = [None] * len(task_ids)
-        self._raw: list[Any] = [None] * len(task_ids)
+        self._reader = ResultReader(_kv_backend(worker))
         self._lock = threading.RLock()
         self._publishers: list[threading.Thread] = []
         self._stop_publishing = threading.Event()
         self._submitted = 0
         self._finished_at: float | None = None
-        self._refresh_cost_s = 0.0
         # Rows cancel() marked REVOKED, re-read for a moment: see RECHECK_S.
         self._recheck: set[int] = set()
         self._recheck_until = 0.0
@@ -135,8 +135,8 @@ class Batch:
         *,
         index: pd.Index | None = None,
         reasons: Sequence[str | None] | None = None,
-        temperature: float = 0.0,
-        max_tokens: int = 4096,
+        temperature: float = DEFAULT_TEMPERATURE,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
         background: bool = True,
     ) -> Batch:
         """Validate every prompt, save the manifest, then publish.
@@ -147,21 +147,21 @@ class Batch:
         daemon thread and this returns once the manifest is saved.
         """
         if len(prompts) == 0:
-            raise ValueError("nothing to send: the batch has no rows")
+            raise InvalidArgument("nothing to send: the batch has no rows")
         index = pd.RangeIndex(len(prompts)) if index is None else index
         if len(index) != len(prompts):
-            raise ValueError(f"index has {len(index)} entries for {len(prompts)} prompts")
+            raise InvalidArgument(f"index has {len(index)} entries for {len(prompts)} prompts")
         _require_storable(index)
         given = list(reasons) if reasons is not None else [None] * len(prompts)
         if len(given) != len(prompts):
-            raise ValueError(f"reasons has {len(given)} entries for {len(prompts)} prompts")
+            raise InvalidArgument(f"reasons has {len(given)} entries for {len(prompts)} prompts")
         reasons = [
             None if p is not None else (r or "no prompt for this row; row not sent")
             for p, r in zip(prompts, given, strict=True)
         ]
         sendable = [p for p in prompts if p is not None]
         if not sendable:
-            raise ValueError(f"nothing to send: no row has a prompt ({reasons[0]})")
+            raise InvalidArgument(f"nothing to send: no row has a prompt ({reasons[0]})")
         checked = iter(worker.batch_payloads(sendable, temperature=temperature, max_tokens=max_tokens))
         payloads: list[dict[str, Any] | None] = []
         for position, prompt in enumerate(prompts):
@@ -191,14 +191,14 @@ class Batch:
         backend = _kv_backend(worker)
         raw = backend.get(manifest_key(batch_id))
         if raw is None:
-            raise LookupError(
+            raise BatchNotFound(
                 f"no batch {batch_id!r} in the result backend: check the id, and that this kernel is "
                 "connected to the same result backend (results expire after the app's result_expires)"
             )
         data = json.loads(raw)
         owner = data.get("worker", worker.name)
         if owner != worker.name:
-            raise LookupError(
+            raise BatchNotFound(
                 f"batch {batch_id!r} was submitted through the worker named {owner!r}, not {worker.name!r}; "
                 f"attach with that worker (its retries must run the same kit)"
             )
@@ -324,33 +324,21 @@ class Batch:
     def refresh(self) -> BatchProgress:
         """Read the unfinished tasks' states (one MGET per chunk) and summarise.
 
-        Only values that changed since the last refresh are decoded, so a
-        refresh of 10,000 waiting tasks costs a few MGETs and no JSON parsing.
+        Only values that changed since the last refresh are decoded (see
+        :class:`~racto_nb.engine.results.ResultReader`), so a refresh of 10,000
+        waiting tasks costs a few MGETs and no JSON parsing.
         """
         with self._lock:
-            started = time.perf_counter()
-            backend = _kv_backend(self.worker)
             recheck = set(self._recheck)
             if recheck and time.monotonic() >= self._recheck_until:
                 self._recheck.clear()  # this read is their last
             positions = [p for p in self._sent if not self._is_final(p) or p in recheck]
             task_ids = [self.task_ids[p] or "" for p in positions]
-            now = time.time()
-            for position, task_id, raw in zip(positions, task_ids, mget_raw(backend, task_ids), strict=True):
-                current = self._results[position]
-                if (
-                    current is not None
-                    and raw == self._raw[position]
-                    and current.status is not TaskStatus.RETRY
-                ):
-                    continue
-                self._raw[position] = raw
-                meta = backend.decode_result(raw) if raw is not None else None
-                result = to_task_result(task_id, meta, now=now)
+            for position, result in zip(positions, self._reader.read(task_ids), strict=True):
                 result.index = position
                 result.custom_id = (self.payloads[position] or {}).get("custom_id")
                 self._results[position] = result
-            self._refresh_cost_s = time.perf_counter() - started
+            self._reader.forget([t for p, t in zip(positions, task_ids, strict=True) if self._is_final(p)])
             return self._progress()
 
     def _progress(self) -> BatchProgress:
@@ -390,24 +378,19 @@ class Batch:
     ) -> BatchProgress:
         """Refresh until every task is final, ``timeout_s`` passes or ``stop`` is set.
 
-        The pause between refreshes grows with the cost of a refresh (at least
-        three times it), so polling a huge batch never eats the kernel's CPU.
+        The shared poll loop (:func:`~racto_nb.engine.polling.poll`) paces the
+        refreshes: at most every ``interval_s``, and never more often than three
+        times the cost of one, so following a huge batch never eats the kernel's CPU.
         """
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
+
+        def look() -> BatchProgress:
             progress = self.refresh()
             if on_progress is not None:
                 on_progress(progress)
-            if progress.finished or (deadline is not None and time.monotonic() >= deadline):
-                return progress
-            pause = max(interval_s, 3 * self._refresh_cost_s)
-            if deadline is not None:
-                pause = max(0.0, min(pause, deadline - time.monotonic()))
-            if stop is not None:
-                if stop.wait(pause):
-                    return progress
-            else:
-                time.sleep(pause)
+            return progress
+
+        progress, _ = poll(look, lambda p: p.finished, timeout_s=timeout_s, stop=stop, max_pause_s=interval_s)
+        return progress
 
     def results(self) -> list[TaskResult]:
         """One ``TaskResult`` per row, in row order, as of the last refresh.
@@ -481,7 +464,6 @@ class Batch:
             for position in positions:
                 self.task_ids[position] = uuid()
                 self._results[position] = None
-                self._raw[position] = None
             group_id = f"{self.batch_id}.r{len(self.groups)}"
             self.groups.append(group_id)
             self.cancelled = False
@@ -529,7 +511,7 @@ def _require_storable(index: pd.Index) -> None:
     stored = index_from_json(json.loads(json.dumps(index_to_json(index))))
     same_types = [a.dtype for a in _levels(stored)] == [b.dtype for b in _levels(index)]
     if not (same_types and stored.equals(index)):
-        raise ValueError(
+        raise InvalidArgument(
             f"this index ({type(index).__name__}, dtype {index.dtype}) cannot be stored for reattaching "
             "unchanged; use df.reset_index() (keeping it as a column) before sending the rows"
         )
@@ -542,7 +524,7 @@ def _levels(index: pd.Index) -> list[pd.Index]:
 def _kv_backend(worker: RactoCeleryWorker) -> BaseKeyValueStoreBackend:
     backend = worker.app.backend
     if not isinstance(backend, BaseKeyValueStoreBackend):
-        raise RuntimeError(
+        raise Unsupported(
             f"batches need a key-value result backend (Redis, or the embedded in-process backend); "
             f"this app uses {type(backend).__name__}: set the app's result_backend to a redis:// URL"
         )

@@ -23,8 +23,9 @@ from celery.result import _set_task_join_will_block
 from celery.worker import WorkController
 from celery.worker import state as worker_state
 
-from racto_nb.errors import TaskFailed
-from racto_nb.memory import Channel, interrupt_consumers
+from racto_nb.config import DEFAULT_EMBEDDED_CONCURRENCY
+from racto_nb.embedded.transport import Channel, interrupt_consumers
+from racto_nb.errors import EmbeddedError, InvalidArgument, TaskFailed
 
 __all__ = ["EmbeddedWorker"]
 
@@ -51,9 +52,11 @@ class EmbeddedWorker:
     "Retry failed" after a new ``connect()`` sends them again.
     """
 
-    def __init__(self, app: Celery, *, concurrency: int = 8, hostname: str | None = None) -> None:
+    def __init__(
+        self, app: Celery, *, concurrency: int = DEFAULT_EMBEDDED_CONCURRENCY, hostname: str | None = None
+    ) -> None:
         if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, not {concurrency}")
+            raise InvalidArgument(f"concurrency must be >= 1, not {concurrency}")
         self.app = app
         self.concurrency = concurrency
         self.hostname = hostname or f"racto-embedded-{os.getpid()}@{socket.gethostname()}"
@@ -96,7 +99,7 @@ class EmbeddedWorker:
             waited += step
             if not thread.is_alive() or waited >= timeout_s:
                 self.stop(timeout_s=2.0)
-                raise RuntimeError(
+                raise EmbeddedError(
                     f"the embedded Celery worker did not start within {timeout_s:g} s "
                     f"(thread {'died' if not thread.is_alive() else 'still starting'}); "
                     "see the 'celery' logger output above"
@@ -120,7 +123,7 @@ class EmbeddedWorker:
             finally:
                 worker_state.should_stop = None
             if thread.is_alive():
-                raise RuntimeError(
+                raise EmbeddedError(
                     f"the embedded worker did not stop within {timeout_s:g} s: a task is still running "
                     "(the thread pool cannot interrupt a call; set a shorter kit timeout)"
                 )

@@ -1,10 +1,9 @@
-"""What a batch keeps in the result backend, and the bulk reads and writes it needs.
+"""What a batch keeps in the result backend, and the bulk writes it needs.
 
-Kept apart from :mod:`racto_nb.batch` because it is backend plumbing: a chunked
-MGET of raw values (decoded only when they changed), REVOKED marks written in
-one pipeline instead of two round trips a task, and a JSON form of a pandas
-index (JSON, not pickle: the manifest is read back from a shared backend, and
-unpickling what a shared store hands you runs its code).
+Kept apart from :mod:`racto_nb.batch.batch` because it is backend plumbing:
+REVOKED marks written in one pipeline instead of two round trips a task, and a
+JSON form of a pandas index (JSON, not pickle: the manifest is read back from
+a shared backend, and unpickling what a shared store hands you runs its code).
 """
 
 from __future__ import annotations
@@ -18,25 +17,10 @@ import pandas as pd
 from celery import states
 from celery.exceptions import TaskRevokedError
 
-from racto_nb.results import MGET_CHUNK
+from racto_nb.engine.results import mget
 
 #: Tasks per pipeline when marking many REVOKED at once.
 REVOKE_CHUNK = 1000
-
-
-def mget_raw(backend: Any, task_ids: Sequence[str], chunk: int = MGET_CHUNK) -> list[Any]:
-    """The stored (still encoded) value of each task, ``None`` where nothing is stored.
-
-    One MGET per ``chunk`` ids: never a round trip per task, never a subscription.
-    """
-    values: list[Any] = []
-    for start in range(0, len(task_ids), chunk):
-        keys = [backend.get_key_for_task(task_id) for task_id in task_ids[start : start + chunk]]
-        got = backend.mget(keys)
-        if isinstance(got, dict):  # memcached-style clients answer with a mapping
-            got = [got.get(key) for key in keys]
-        values.extend(got)
-    return values
 
 
 def mark_revoked(backend: Any, task_ids: Sequence[str], *, reason: str) -> int:
@@ -75,7 +59,8 @@ def mark_revoked(backend: Any, task_ids: Sequence[str], *, reason: str) -> int:
 
 def _mark_one_by_one(backend: Any, task_ids: Sequence[str], reason: str) -> int:
     marked = 0
-    for task_id, raw in zip(task_ids, mget_raw(backend, task_ids), strict=True):
+    keys = [backend.get_key_for_task(task_id) for task_id in task_ids]
+    for task_id, raw in zip(task_ids, mget(backend, keys), strict=True):
         status = backend.decode_result(raw).get("status") if raw is not None else states.PENDING
         if status in (states.PENDING, states.RETRY):
             backend.mark_as_revoked(task_id, reason=reason)

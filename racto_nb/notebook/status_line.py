@@ -2,6 +2,7 @@
 
 ``StatusLine.render`` is pure so the wording is tested once and shared by the
 widget and the terminal front-ends, which only decide how the line is replaced.
+Both are views (:class:`~racto_nb.notebook.views.View`) of a ``TaskResult``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import sys
 from typing import Any, TextIO
 
 from racto_nb.models import TaskResult, TaskStatus
-from racto_nb.progress import CellContext, fmt_duration, ipython_display
+from racto_nb.notebook.kernel import CellContext, ipython_display, markdown
+from racto_nb.notebook.views import NullView, ProgressChoice, StatusView, fmt_duration, front_end, notice
 
-__all__ = ["StatusLine", "TextStatusLine", "WidgetStatusLine"]
+__all__ = ["StatusLine", "TextStatusLine", "WidgetStatusLine", "make_status_line"]
 
 _MAX_ERROR_CHARS = 200
 
@@ -76,19 +78,34 @@ class StatusLine:
 
 
 class WidgetStatusLine:
-    """An ``HTML`` widget rewritten in place; thread-safe like ``WidgetProgressView``."""
+    """An ``HTML`` widget rewritten in place; thread-safe like ``WidgetProgressView``.
 
-    def __init__(self, *, max_retries: int | None = None) -> None:
+    With ``show_answer`` it also renders the final answer as Markdown, below the
+    line. That is how a background task's answer reaches its cell: a thread
+    cannot ``display()`` into a cell that has finished (front-ends drop outputs
+    for a finished request), but an ``Output`` widget's ``outputs`` is widget
+    state, synced by comm like any trait.
+    """
+
+    interactive = False
+
+    def __init__(self, *, max_retries: int | None = None, show_answer: bool = False) -> None:
         import ipywidgets as widgets
 
         self._max_retries = max_retries
         self._ctx = CellContext()
         self.html: Any = widgets.HTML(value="")
+        self.answer: Any = widgets.Output() if show_answer else None
 
     def display(self) -> None:
         """Show the line and adopt the displaying cell for updates from threads."""
         self._ctx.capture()
         ipython_display(self.html)
+        if self.answer is not None:
+            ipython_display(self.answer)
+
+    def announce(self, text: str) -> None:
+        """Nothing to add beside the line itself."""
 
     def update(self, result: TaskResult) -> None:
         """Replace the text with ``result``'s status."""
@@ -100,15 +117,20 @@ class WidgetStatusLine:
         self._ctx.run(draw)
 
     def close(self, final: TaskResult | None = None) -> None:
-        """Draw ``final`` and let go of the captured cell context."""
+        """Draw ``final`` (and its answer, with ``show_answer``) and let go of the captured cell context."""
         if final is not None:
             self.update(final)
+            content = final.content
+            if self.answer is not None and final.status.is_final and content is not None:
+                self._ctx.run(lambda: self.answer.append_display_data(markdown(content)))
         self._ctx.release()
 
 
 class TextStatusLine:
     """Rewrites one line with ``\\r`` on a terminal; elsewhere (logs, nbconvert) prints a line
     only when the state changes, because a log full of countdowns hides what happened."""
+
+    interactive = False
 
     def __init__(self, file: TextIO | None = None, *, max_retries: int | None = None) -> None:
         self._file = file if file is not None else sys.stderr
@@ -122,6 +144,10 @@ class TextStatusLine:
 
     def display(self) -> None:
         """Nothing to do: the first update writes the line."""
+
+    def announce(self, text: str) -> None:
+        """Print it on its own line."""
+        notice(text)
 
     def update(self, result: TaskResult) -> None:
         """Write ``result``'s status the way this stream can show it."""
@@ -145,3 +171,17 @@ class TextStatusLine:
             self._file.write("\n")
             self._file.flush()
             self._width = 0
+
+
+def make_status_line(
+    progress: ProgressChoice | StatusView, *, max_retries: int | None, show_answer: bool = False
+) -> StatusView:
+    """The one-line status view for ``progress`` (widget in a kernel, text elsewhere)."""
+    if not isinstance(progress, str):
+        return progress
+    chosen = front_end(progress)
+    if chosen == "widget":
+        return WidgetStatusLine(max_retries=max_retries, show_answer=show_answer)
+    if chosen == "text":
+        return TextStatusLine(max_retries=max_retries)
+    return NullView()

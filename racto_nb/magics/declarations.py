@@ -1,4 +1,4 @@
-"""The IPython magics. This class only declares arguments and calls :mod:`racto_nb.magic_cmd`.
+"""The IPython magics. This class only declares arguments and calls :mod:`racto_nb.magics.commands`.
 
 ``%load_ext racto_nb`` registers:
 
@@ -14,8 +14,7 @@
   their concurrency, queue depth; a dead broker is shown within the timeout.
 
 To add a magic: declare it here with its ``@argument``s and write one
-function in :mod:`racto_nb.magic_cmd` (as ``%racto_workers`` and
-``%racto_status`` do over :mod:`racto_nb.fleet`).
+function in :mod:`racto_nb.magics.commands`, which calls :mod:`racto_nb.api`.
 
 Settings: ``%config RactoMagics.progress = "text"`` picks the progress view
 when ``--progress`` is not given (``"text"`` suits nbconvert, where widgets
@@ -31,10 +30,12 @@ from IPython.core import magic, magic_arguments
 from IPython.core.magic import Magics
 from traitlets import Enum
 
-from racto_nb import magic_cmd
-from racto_nb.display import PROGRESS_CHOICES, ProgressChoice
-from racto_nb.magic_parse import parse_line
-from racto_nb.templates import MISSING_RULES
+from racto_nb.batch.templates import MISSING_RULES
+from racto_nb.config import BROKER_ANSWER_TIMEOUT_S, DEFAULT_WORKER_CONCURRENCY
+from racto_nb.magics import commands
+from racto_nb.magics.parsing import parse_line
+from racto_nb.models import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
+from racto_nb.notebook.views import PROGRESS_CHOICES, ProgressChoice
 
 __all__ = ["RactoMagics", "load_ipython_extension", "unload_ipython_extension"]
 
@@ -79,19 +80,21 @@ class RactoMagics(Magics):
 
     @no_var_expand
     @arguments()
-    @argument(
-        "url", nargs="?", help="Broker URL, e.g. redis://127.0.0.1:6379/0; none for an embedded worker."
-    )
+    @argument("url", nargs="?", help="Broker URL, e.g. redis://127.0.0.1:6379/0; none for an embedded worker.")
     @line_magic
     def racto_connect(self, line: str) -> None:
         """Connect the magics (and racto_nb's API) to a worker fleet."""
-        magic_cmd.connect(self.shell, parse_line(self.racto_connect, line, with_expr=False))
+        commands.connect(self.shell, parse_line(self.racto_connect, line, with_expr=False))
 
     @no_var_expand
     @arguments()
     @argument("--out", "-o", help="Store the TaskResult in this variable.")
-    @argument("--temperature", type=float, default=0.0, help="Sampling temperature (default 0).")
-    @argument("--max-tokens", type=int, default=4096, help="Token budget of the answer (default 4096).")
+    @argument(
+        "--temperature", type=float, default=DEFAULT_TEMPERATURE, help="Sampling temperature (default %(default)s)."
+    )
+    @argument(
+        "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="Token budget of the answer (default %(default)s)."
+    )
     @argument("--system", help="System prompt, sent as a system message.")
     @argument("--timeout", type=float, help="Stop waiting after this many seconds (the task runs on).")
     @argument("--no-wait", action="store_true", help="Return at once; --out is filled when the task ends.")
@@ -100,7 +103,7 @@ class RactoMagics(Magics):
     def racto_generate(self, line: str, cell: str) -> None:
         """The cell body is the prompt; {name} is filled from your variables ({{ }} for braces)."""
         args = parse_line(self.racto_generate, line, with_expr=False)
-        magic_cmd.generate(self.shell, args, cell, progress=self._progress(args.progress))
+        commands.generate(self.shell, args, cell, progress=self._progress(args.progress))
 
     @no_var_expand
     @arguments()
@@ -115,8 +118,12 @@ class RactoMagics(Magics):
         default="skip",
         help="A missing value: skip the row (default), render it empty, or raise.",
     )
-    @argument("--temperature", type=float, default=0.0, help="Sampling temperature (default 0).")
-    @argument("--max-tokens", type=int, default=4096, help="Token budget per answer (default 4096).")
+    @argument(
+        "--temperature", type=float, default=DEFAULT_TEMPERATURE, help="Sampling temperature (default %(default)s)."
+    )
+    @argument(
+        "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="Token budget per answer (default %(default)s)."
+    )
     @argument("--background", action="store_true", help="Return at once; --out is filled when it ends.")
     @argument("--timeout", type=float, help="Stop waiting after this many seconds (the batch runs on).")
     @argument("--attach", metavar="ID", help="Rebuild batch ID from the result backend.")
@@ -126,7 +133,7 @@ class RactoMagics(Magics):
     def racto_batch(self, line: str, cell: str | None = None) -> Any:
         """One LLM call per row; a DataFrame indexed like the input comes back."""
         args = parse_line(self.racto_batch, line, with_expr=True)
-        return magic_cmd.batch(self.shell, args, cell, progress=self._progress(args.progress))
+        return commands.batch(self.shell, args, cell, progress=self._progress(args.progress))
 
     @no_var_expand
     @arguments()
@@ -137,20 +144,27 @@ class RactoMagics(Magics):
         help="start N workers, stop the ones this kernel started, or list them (the default).",
     )
     @argument("n", nargs="?", type=int, metavar="N", help="With start: how many workers (default 1).")
-    @argument("--concurrency", "-c", type=int, help="With start: threads per worker (default 32).")
+    @argument(
+        "--concurrency", "-c", type=int, help=f"With start: threads per worker (default {DEFAULT_WORKER_CONCURRENCY})."
+    )
     @line_magic
     def racto_workers(self, line: str) -> None:
         """Start, stop or list local worker processes on the broker this kernel is connected to."""
-        magic_cmd.workers(self.shell, parse_line(self.racto_workers, line, with_expr=False))
+        commands.workers(self.shell, parse_line(self.racto_workers, line, with_expr=False))
 
     @no_var_expand
     @arguments()
     @argument("url", nargs="?", help="Broker to check instead of the current connection (or configured broker).")
-    @argument("--timeout", type=float, default=5.0, help="Answer within this many seconds (default 5).")
+    @argument(
+        "--timeout",
+        type=float,
+        default=BROKER_ANSWER_TIMEOUT_S,
+        help="Answer within this many seconds (default %(default)s).",
+    )
     @line_magic
     def racto_status(self, line: str) -> None:
         """Show whether the broker answers, which workers are online and how many tasks wait."""
-        magic_cmd.status(self.shell, parse_line(self.racto_status, line, with_expr=False))
+        commands.status(self.shell, parse_line(self.racto_status, line, with_expr=False))
 
 
 _MAGIC_NAMES = {

@@ -20,28 +20,21 @@ or when the wait times out. Reads are MGETs; nothing subscribes to pub/sub.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from racto_nb.batch import Batch
-from racto_nb.display import (
-    ContentOutput,
-    ProgressChoice,
-    StatusView,
-    batch_ended_early,
-    batch_started,
-    make_batch_view,
-    notice,
-    task_ended_early,
-)
+from racto_nb.batch.batch import Batch
+from racto_nb.engine.polling import poll
+from racto_nb.engine.worker import timed_out
+from racto_nb.errors import StillRunning
 from racto_nb.models import BatchProgress, TaskResult, TaskStatus
-from racto_nb.progress import NullProgressView, ProgressView, WidgetProgressView
+from racto_nb.notebook.display import batch_ended_early, batch_started, task_ended_early
+from racto_nb.notebook.views import ProgressChoice, ProgressView, StatusView, make_view, notice
 
 if TYPE_CHECKING:
-    from racto_nb.worker import RactoCeleryWorker
+    from racto_nb.engine.worker import RactoCeleryWorker
 
 __all__ = ["BatchRun", "TaskRun", "wait_task"]
 
@@ -76,7 +69,7 @@ class BatchRun:
         self.error: BaseException | None = None
         # A blocking cell keeps the kernel from handling a click until the batch
         # ends, so only background runs get a Cancel button (Ctrl-C stops a wait).
-        self.view = make_batch_view(
+        self.view = make_view(
             progress,
             on_cancel=self.cancel if cancel_button else None,
             on_retry_failed=self.retry_failed,
@@ -112,8 +105,7 @@ class BatchRun:
     def show(self) -> None:
         """Display the view; call it in the cell's own thread, before watching starts."""
         self.view.display()
-        if not isinstance(self.view, (WidgetProgressView, NullProgressView)):
-            notice(batch_started(self.batch_id, rows=len(self.batch.task_ids), tasks=self.batch.total))
+        self.view.announce(batch_started(self.batch_id, rows=len(self.batch.task_ids), tasks=self.batch.total))
 
     def _draw(self, progress: BatchProgress) -> None:
         self._last = progress
@@ -199,7 +191,7 @@ class BatchRun:
                 target, column = self.write_back
                 target[column] = self._frame["content"].to_numpy()
             failures = progress.count(TaskStatus.FAILURE)
-            if not (failures and self._rounds == 0 and isinstance(self.view, WidgetProgressView)):
+            if not (failures and self._rounds == 0 and self.view.interactive):
                 self._close_view(progress)  # else stay live: the Retry-failed button may restart it
             result = self._frame
             self.done.set()
@@ -222,7 +214,7 @@ class BatchRun:
         if self.error is not None:
             raise RuntimeError(f"watching batch {self.batch_id} failed: {self.error!r}") from self.error
         if self._frame is None or not self.done.is_set():
-            raise RuntimeError(
+            raise StillRunning(
                 f"batch {self.batch_id} is still running: wait with run.done.wait(), or look at the rows "
                 "so far with run.frame()"
             )
@@ -264,14 +256,12 @@ class TaskRun:
         task_id: str,
         line: StatusView,
         *,
-        output: ContentOutput | None = None,
         on_done: Callable[[TaskResult], object] | None = None,
         timeout_s: float | None = None,
     ) -> None:
         self.worker = worker
         self.task_id = task_id
         self.line = line
-        self.output = output
         self.on_done = on_done
         self.timeout_s = timeout_s
         self.done = threading.Event()
@@ -304,8 +294,6 @@ class TaskRun:
         self._result = final
         self.line.close(final)
         if final.status.is_final:
-            if self.output is not None:
-                self.output.show(final)
             self.done.set()
             if self.on_done is not None:
                 self.on_done(final)
@@ -321,7 +309,7 @@ class TaskRun:
         if self.error is not None:
             raise RuntimeError(f"watching task {self.task_id} failed: {self.error!r}") from self.error
         if self._result is None or not self.done.is_set():
-            raise RuntimeError(
+            raise StillRunning(
                 f"task {self.task_id} is still running: wait with run.done.wait(), or read its state now "
                 f"with racto_nb.api.get_result({self.task_id!r})"
             )
@@ -357,30 +345,14 @@ def _poll_task(
     stop: threading.Event | None,
     seen: list[TaskResult] | None = None,
 ) -> TaskResult:
-    # A single GET per look; quick looks first so a fast answer is not held back by the poll.
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    pause = 0.02
-    while True:
+    """One GET per look, drawn on ``line``; quick looks first so a fast answer is not held back."""
+
+    def look() -> TaskResult:
         result = worker.get_result(task_id)
         if seen is not None:
             seen[:] = [result]  # the latest only: a long wait must not grow a list
         line.update(result)
-        if result.status.is_final:
-            return result
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            return _timed_out(result, timeout_s)
-        wait = pause if remaining is None else min(pause, remaining)
-        if stop is not None:
-            if stop.wait(wait):
-                return result
-        else:
-            time.sleep(wait)
-        pause = min(pause * 1.5, DEFAULT_INTERVAL_S)
+        return result
 
-
-def _timed_out(result: TaskResult, timeout_s: Any) -> TaskResult:
-    cut = result.model_copy()
-    cut.error = f"wait timed out after {timeout_s:g} s; the task is still {cut.status.value}"
-    cut.error_type = "WaitTimeout"
-    return cut
+    result, end = poll(look, lambda r: r.status.is_final, timeout_s=timeout_s, stop=stop, first_pause_s=0.02)
+    return timed_out(result, timeout_s) if end == "timeout" else result

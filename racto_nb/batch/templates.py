@@ -26,13 +26,13 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from racto_nb.errors import TemplateError
+
+__all__ = ["MISSING_RULES", "MissingRule", "TemplateError", "interpolate", "placeholders", "render", "render_rows"]
+
 MissingRule = Literal["skip", "empty", "error"]
 MISSING_RULES: tuple[MissingRule, ...] = ("skip", "empty", "error")
 _FORMATTER = string.Formatter()
-
-
-class TemplateError(ValueError):
-    """A template or its data cannot produce prompts; nothing was enqueued."""
 
 
 def placeholders(template: str) -> list[str]:

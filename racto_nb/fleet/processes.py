@@ -1,9 +1,13 @@
 """Start and stop real ``celery worker`` processes from Python.
 
-Used by the notebook magic (``%racto_workers start N``) and by the tests, which
-need real workers because the properties that matter (a task survives a worker
-killed mid-flight, warm shutdown finishes what it started) only exist across a
-process boundary.
+``%racto_workers start N`` is :func:`start_workers`, ``%racto_workers stop``
+is :func:`stop_workers`: ``celery -A racto_nb.app worker`` processes that
+inherit this kernel's environment, plus the broker this kernel is connected
+to, so their configuration (kit, retry policy, worker name) matches the
+notebook's. :class:`WorkerProcess` and :class:`WorkerPool` serve them and the
+tests, which need real workers because the properties that matter (a task
+survives a worker killed mid-flight, warm shutdown finishes what it started)
+only exist across a process boundary.
 
 Design choices worth knowing:
 
@@ -30,10 +34,28 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
+from typing import TypedDict
 from uuid import uuid4
 
-__all__ = ["READY_PATTERN", "WorkerPool", "WorkerProcess"]
+from typing_extensions import Unpack
+
+from racto_nb.config import DEFAULT_WORKER_CONCURRENCY, env_name, is_embedded_url, load_config
+from racto_nb.errors import EmbeddedBrokerError, InvalidArgument, WorkerStartError
+from racto_nb.fleet.connection import connected_worker
+from racto_nb.lifecycle import StartStop
+
+__all__ = [
+    "DEFAULT_APP",
+    "READY_PATTERN",
+    "WorkerPool",
+    "WorkerProcess",
+    "running_workers",
+    "start_workers",
+    "stop_workers",
+]
+
+#: The generic worker app (its kit comes from configuration).
+DEFAULT_APP = "racto_nb.app"
 
 #: Celery's readiness line, e.g. ``[...: INFO/MainProcess] racto-1a2b3c4d@box ready.``
 READY_PATTERN = re.compile(r"(?P<nodename>\S+@\S+) ready\.\s*$")
@@ -43,6 +65,8 @@ _POLL_S = 0.05
 
 # Strong references, so a worker whose handle was dropped is still stopped at exit.
 _RUNNING: set[WorkerProcess] = set()
+# What start_workers() started, in order, for stop_workers() and running_workers().
+_started: list[WorkerProcess] = []
 
 
 def _stop_running_at_exit() -> None:
@@ -61,7 +85,19 @@ def _default_hostname() -> str:
     return f"racto-{uuid4().hex[:8]}@%h"
 
 
-class WorkerProcess:
+class WorkerOptions(TypedDict, total=False):
+    """What every worker of a :class:`WorkerPool` shares (see :class:`WorkerProcess`)."""
+
+    concurrency: int
+    pool: str
+    env: Mapping[str, str] | None
+    queues: Sequence[str] | None
+    loglevel: str
+    cwd: Path | None
+    extra_args: Sequence[str]
+
+
+class WorkerProcess(StartStop):
     """One ``celery -A APP worker`` subprocess.
 
     ``app`` is the ``-A`` argument (``"racto_nb.app"``,
@@ -77,7 +113,7 @@ class WorkerProcess:
         self,
         app: str,
         *,
-        concurrency: int = 16,
+        concurrency: int = DEFAULT_WORKER_CONCURRENCY,
         pool: str = "threads",
         hostname: str | None = None,
         env: Mapping[str, str] | None = None,
@@ -88,16 +124,16 @@ class WorkerProcess:
         extra_args: Sequence[str] = (),
     ) -> None:
         if not app:
-            raise ValueError("app must name a Celery app for -A, e.g. 'racto_nb.app'")
+            raise InvalidArgument("app must name a Celery app for -A, e.g. 'racto_nb.app'")
         if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, not {concurrency}")
+            raise InvalidArgument(f"concurrency must be >= 1, not {concurrency}")
         if loglevel.upper() not in _READY_LEVELS:
-            raise ValueError(
+            raise InvalidArgument(
                 f"loglevel must be DEBUG or INFO, not {loglevel!r}: readiness is detected from the "
                 "INFO line Celery logs when the worker is ready"
             )
         if queues is not None and not queues:
-            raise ValueError("queues must name at least one queue (or be None for Celery's default)")
+            raise InvalidArgument("queues must name at least one queue (or be None for Celery's default)")
         self.app = app
         self.concurrency = concurrency
         self.pool = pool
@@ -247,13 +283,13 @@ class WorkerProcess:
                     return
             if proc.poll() is not None:
                 self._forget()
-                raise RuntimeError(
+                raise WorkerStartError(
                     f"celery worker {self._hostname} exited with code {proc.returncode} before it was "
                     f"ready; last {_TAIL_LINES} lines of {self.log_path}:\n{self.log_tail()}"
                 )
             if time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(
+                raise WorkerStartError(
                     f"celery worker {self._hostname} was not ready in time (no 'ready.' line); killed it. "
                     f"Last {_TAIL_LINES} lines of {self.log_path}:\n{self.log_tail()}"
                 )
@@ -309,16 +345,8 @@ class WorkerProcess:
     def __enter__(self) -> WorkerProcess:
         return self if self.is_alive() else self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
-
-class WorkerPool:
+class WorkerPool(StartStop):
     """Several :class:`WorkerProcess` started and stopped together.
 
     Starting launches every process before waiting for any, and stopping
@@ -329,41 +357,18 @@ class WorkerPool:
         self.workers = list(workers)
 
     @classmethod
-    def of(
-        cls,
-        app: str,
-        n: int,
-        *,
-        concurrency: int = 16,
-        pool: str = "threads",
-        env: Mapping[str, str] | None = None,
-        queues: Sequence[str] | None = None,
-        loglevel: str = "INFO",
-        log_dir: Path | None = None,
-        cwd: Path | None = None,
-        extra_args: Sequence[str] = (),
-    ) -> WorkerPool:
-        """``n`` identically configured workers with unique node names (not started yet)."""
+    def of(cls, app: str, n: int, *, log_dir: Path | None = None, **options: Unpack[WorkerOptions]) -> WorkerPool:
+        """``n`` identically configured workers with unique node names (not started yet).
+
+        ``options`` are :class:`WorkerProcess`'s; each worker logs to ``log_dir/<name>.log`` when given.
+        """
         if n < 1:
-            raise ValueError(f"a pool needs at least one worker, not {n}")
+            raise InvalidArgument(f"a pool needs at least one worker, not {n}")
         workers = []
         for _ in range(n):
             hostname = _default_hostname()
             log_path = None if log_dir is None else log_dir / f"{hostname.split('@')[0]}.log"
-            workers.append(
-                WorkerProcess(
-                    app,
-                    concurrency=concurrency,
-                    pool=pool,
-                    hostname=hostname,
-                    env=env,
-                    queues=queues,
-                    loglevel=loglevel,
-                    log_path=log_path,
-                    cwd=cwd,
-                    extra_args=extra_args,
-                )
-            )
+            workers.append(WorkerProcess(app, hostname=hostname, log_path=log_path, **options))
         return cls(workers)
 
     def __repr__(self) -> str:
@@ -405,13 +410,71 @@ class WorkerPool:
         for worker in self.workers:
             worker.kill()
 
-    def __enter__(self) -> WorkerPool:
-        return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+# --------------------------------------------------------------------------- from a notebook
+
+
+def start_workers(
+    n: int = 1,
+    *,
+    concurrency: int = DEFAULT_WORKER_CONCURRENCY,
+    app: str = DEFAULT_APP,
+    timeout_s: float = 60.0,
+    cwd: Path | None = None,
+) -> list[WorkerProcess]:
+    """Start ``n`` worker processes (thread pool of ``concurrency``) and wait until they take tasks.
+
+    They inherit this process's environment (so ``RACTO_*`` settings and API
+    keys match) and run in ``cwd`` (default: the notebook's directory, so a
+    ``racto_nb.toml`` or an app module next to the notebook is found). With
+    the default app they also get the broker and result backend this kernel
+    is connected to. Stop them with :func:`stop_workers`; they are also
+    stopped when the kernel exits.
+
+    Raises:
+        EmbeddedBrokerError: the current connection is embedded (in-process),
+            which other processes cannot reach.
+        WorkerStartError: a worker failed to start (with its log's tail).
+    """
+    if n < 1:
+        raise InvalidArgument(f"n must be >= 1 (got {n})")
+    env = _broker_env() if app == DEFAULT_APP else {}
+    pool = WorkerPool.of(app, n, concurrency=concurrency, env=env, cwd=cwd or Path.cwd())
+    pool.start(timeout_s=timeout_s)
+    _started.extend(pool.workers)
+    return list(pool.workers)
+
+
+def stop_workers(workers: Sequence[WorkerProcess] | None = None, *, timeout_s: float = 10.0) -> int:
+    """Warm-stop ``workers`` (default: every worker :func:`start_workers` started); return how many."""
+    chosen = list(_started if workers is None else workers)
+    stopped = [w for w in chosen if w.is_alive()]
+    WorkerPool(chosen).stop(timeout_s=timeout_s)
+    _started[:] = [w for w in _started if w not in chosen]
+    return len(stopped)
+
+
+def running_workers() -> list[WorkerProcess]:
+    """Workers started by :func:`start_workers` that are still alive."""
+    return [w for w in _started if w.is_alive()]
+
+
+def _broker_env() -> dict[str, str]:
+    current = connected_worker()
+    if current is not None:
+        broker = str(current.app.conf.broker_url or "")
+        backend = current.app.conf.result_backend
+    else:
+        cfg = load_config()
+        broker, backend = cfg.broker_url or "", cfg.result_backend
+    if is_embedded_url(broker or None):
+        raise EmbeddedBrokerError(
+            "worker processes need a broker they can reach, and this kernel runs embedded (in-process). "
+            "Start Redis (`redis-server --daemonize yes`) and call "
+            "racto_nb.connect('redis://127.0.0.1:6379/0') first, or set "
+            f"{env_name('broker_url')} before starting the kernel"
+        )
+    env = {env_name("broker_url"): broker}
+    if isinstance(backend, str) and "://" in backend:
+        env[env_name("result_backend")] = backend
+    return env

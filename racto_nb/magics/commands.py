@@ -1,6 +1,6 @@
 """What each magic does once its line is parsed: one call of :mod:`racto_nb.api`, then display.
 
-Kept out of :mod:`racto_nb.magics` (which only declares arguments), as
+Kept out of :mod:`racto_nb.magics.declarations` (which only declares arguments), as
 jupysql keeps ``cmd/`` apart from its magic class. Every function takes the
 shell and the parsed arguments, so a new magic is one declaration there and
 one function here.
@@ -14,13 +14,14 @@ from typing import Any
 import pandas as pd
 from IPython.core.error import UsageError
 
-from racto_nb import api, fleet
-from racto_nb.display import ProgressChoice, notice, show_content
-from racto_nb.magic_parse import check_name, evaluate, series_parent, usage_errors
-from racto_nb.progress import ipython_display
-from racto_nb.runs import TaskRun
-from racto_nb.templates import interpolate
-from racto_nb.workers import WorkerProcess
+from racto_nb import api
+from racto_nb.batch.templates import interpolate
+from racto_nb.config import is_embedded_url, mask_url
+from racto_nb.errors import EmbeddedBrokerError, WorkerStartError
+from racto_nb.magics.parsing import check_name, evaluate, series_parent, usage_errors
+from racto_nb.notebook.display import show_content
+from racto_nb.notebook.kernel import ipython_display
+from racto_nb.notebook.views import ProgressChoice, notice
 
 __all__ = ["batch", "connect", "generate", "status", "workers"]
 
@@ -53,19 +54,14 @@ class _Slot:
 
 
 def _worker() -> Any:
-    try:
+    with usage_errors():
         return api.resolve_worker(None)
-    except RuntimeError as exc:
-        raise UsageError(str(exc)) from None
 
 
 def connect(shell: Any, args: Any) -> None:
     """``%racto_connect [URL]``: build the worker (embedded when no URL) and say where it points."""
-    from racto_nb.config import is_embedded_url, mask_url
-    from racto_nb.connection import connect as connect_app
-
     with usage_errors():
-        worker = connect_app(args.url or None)
+        worker = api.connect(args.url or None)
     broker = str(worker.app.conf.broker_url or "")
     where = "an embedded (in-process) worker" if is_embedded_url(broker) else mask_url(broker)
     notice(f"racto_nb: connected to {where}; kit {worker.kit!r}")
@@ -90,7 +86,7 @@ def generate(shell: Any, args: Any, cell: str, *, progress: ProgressChoice) -> N
             progress=progress,
             on_done=slot.final if slot and args.no_wait else None,
         )
-    if isinstance(outcome, TaskRun):
+    if isinstance(outcome, api.TaskRun):
         if slot is not None:
             slot.handle(outcome)
             notice(f"task {outcome.task_id} runs in the background; {args.out} holds its result when it ends")
@@ -130,7 +126,7 @@ def batch(shell: Any, args: Any, cell: str | None, *, progress: ProgressChoice) 
                 "or %%racto_batch df with a template as the body"
             )
         source = evaluate(shell, args.expr)
-        frame = series_parent(shell, args.expr) if isinstance(source, pd.Series) else None
+        frame = series_parent(shell, source) if isinstance(source, pd.Series) else None
         worker = _worker()
         with usage_errors():
             outcome = api.run_batch(
@@ -199,10 +195,10 @@ def workers(shell: Any, args: Any) -> None:
     if action == "start":
         _start_workers(1 if args.n is None else args.n, args.concurrency)
     elif action == "stop":
-        count = fleet.stop_workers()
+        count = api.stop_workers()
         notice(f"stopped {_workers_word(count)}" + ("" if count else ": none started from this kernel was running"))
     else:
-        running = fleet.running_workers()
+        running = api.running_workers()
         if not running:
             notice("no workers started from this kernel are running; start some: %racto_workers start 2")
         for process in running:
@@ -217,16 +213,14 @@ def _start_workers(n: int, concurrency: int | None) -> None:
     with usage_errors():
         try:
             # No --concurrency: fleet's default, so that it is written in one place.
-            started = (
-                fleet.start_workers(n) if concurrency is None else fleet.start_workers(n, concurrency=concurrency)
-            )
-        except fleet.EmbeddedBrokerError:
+            started = api.start_workers(n) if concurrency is None else api.start_workers(n, concurrency=concurrency)
+        except EmbeddedBrokerError:
             # Name the magic to run, not the Python call fleet's message names.
             raise UsageError(
                 "this kernel runs embedded (in-process), which worker processes cannot reach: "
                 "%racto_connect redis://127.0.0.1:6379/0 first (start Redis with `redis-server --daemonize yes`)"
             ) from None
-        except RuntimeError as exc:
+        except WorkerStartError as exc:
             # A worker died or never got ready: its log's tail, in the message, is
             # what the user needs, not a traceback through this module.
             raise UsageError(str(exc)) from None
@@ -234,7 +228,7 @@ def _start_workers(n: int, concurrency: int | None) -> None:
         notice(_worker_line(process))
 
 
-def _worker_line(process: WorkerProcess) -> str:
+def _worker_line(process: api.WorkerProcess) -> str:
     return f"{process.nodename or process.hostname}  pid {process.pid}  log {process.log_path}"
 
 
@@ -247,7 +241,7 @@ def status(shell: Any, args: Any) -> None:
     if args.timeout <= 0:
         raise UsageError(f"--timeout must be a number of seconds > 0 (got {args.timeout:g})")
     with usage_errors():
-        report = fleet.status(args.url or None, timeout_s=args.timeout)
+        report = api.status(args.url or None, timeout_s=args.timeout)
     ipython_display(_TextAndHtml(str(report), report._repr_html_()))
 
 

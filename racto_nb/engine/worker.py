@@ -31,8 +31,13 @@ from celery.result import AsyncResult, GroupResult
 from celery.utils import uuid
 from vine import barrier
 
-from racto_nb.errors import RetryScheduled, TaskFailed, classify
-from racto_nb.kits import run_chat
+from racto_nb.config import DEFAULT_VISIBILITY_TIMEOUT_S, check_retry_fits_visibility, check_worker_name
+from racto_nb.engine.classify import classify
+from racto_nb.engine.polling import poll
+from racto_nb.engine.publish import publish_many
+from racto_nb.engine.results import ResultReader, read_before_start, read_results
+from racto_nb.errors import InvalidArgument, InvalidSource, RetryScheduled, TaskFailed, Unsupported
+from racto_nb.kits.base import Kit, Rag, require_kit, require_rag, run_chat
 from racto_nb.models import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -42,15 +47,13 @@ from racto_nb.models import (
     TaskResult,
     TaskStatus,
 )
-from racto_nb.publish import publish_many
-from racto_nb.results import read_before_start, read_results
 
 #: A task whose worker died this many times in one attempt fails instead of
 #: being redelivered again (a poison message would otherwise loop forever).
 DEFAULT_MAX_REDELIVERIES = 3
 _REDIS_SCHEMES = ("redis", "rediss", "sentinel", "sqs")
-_DEFAULT_VISIBILITY_TIMEOUT_S = 3600.0
-_POLL_MIN_S = 0.005
+#: The seed API's waits: quick first looks (a fast answer is not held back), then at most every 50 ms.
+_POLL_FIRST_S = 0.005
 _POLL_MAX_S = 0.05
 
 
@@ -89,22 +92,17 @@ class RactoCeleryWorker:
         self,
         app: Celery,
         *,
-        kit: Any,
-        rag: Any | None = None,
+        kit: Kit,
+        rag: Rag | None = None,
         retry_config: RetryConfig | None = None,
         name: str = "default",
         max_redeliveries: int = DEFAULT_MAX_REDELIVERIES,
         replace: bool = False,
     ) -> None:
-        if not callable(getattr(kit, "chat", None)):
-            raise TypeError(f"kit must have a chat(config) method; got {type(kit).__name__}")
-        if rag is not None and not callable(getattr(rag, "ingest", None)):
-            raise TypeError(f"rag must have an ingest(path, **metadata) method; got {type(rag).__name__}")
-        if not name.replace("_", "").replace("-", "").isalnum():
-            raise ValueError(f"name must be letters, digits, '-' or '_' (got {name!r})")
         self.app = app
-        self.kit = kit
-        self.rag = rag
+        self.kit = require_kit(kit)
+        self.rag = require_rag(rag)
+        check_worker_name(name)
         self.retry_config = retry_config or RetryConfig()
         self.name = name
         self.max_redeliveries = max_redeliveries
@@ -146,10 +144,10 @@ class RactoCeleryWorker:
         """Enqueue ``rag.ingest(path, **metadata)`` on a worker.
 
         Raises:
-            RuntimeError: at once, when this worker has no ``rag``.
+            Unsupported: at once, when this worker has no ``rag`` (a ``RuntimeError``).
         """
         if self.rag is None:
-            raise RuntimeError(
+            raise Unsupported(
                 "ingest_document needs a RAG object: pass rag=<RactoRAG or any object with "
                 "ingest(path, **metadata)> to RactoCeleryWorker"
             )
@@ -191,7 +189,7 @@ class RactoCeleryWorker:
     ) -> list[dict[str, Any]]:
         """Validated JSON payloads for ``items``, one per item, in order."""
         if isinstance(items, (str, BatchItem)):
-            raise TypeError("items must be a list of strings or BatchItems, not a single item")
+            raise InvalidSource("items must be a list of strings or BatchItems, not a single item")
         defaults = ChatConfig(user_message="-", temperature=temperature, max_tokens=max_tokens)
         payloads = []
         for index, raw in enumerate(items):
@@ -247,26 +245,25 @@ class RactoCeleryWorker:
         return results
 
     def wait_many(self, task_ids: Sequence[str], *, timeout_s: float | None = None) -> list[TaskResult]:
-        """Poll ``task_ids`` with batched reads until all are final or time runs out."""
+        """Poll ``task_ids`` until all are final or time runs out; each look reads only the unfinished ones."""
         if timeout_s is not None and timeout_s < 0:
-            raise ValueError(f"timeout_s must be >= 0 or None (got {timeout_s})")
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            raise InvalidArgument(f"timeout_s must be >= 0 or None (got {timeout_s})")
+        reader = ResultReader(self.app.backend)
         results: dict[str, TaskResult] = {}
         pending = list(dict.fromkeys(task_ids))
-        pause = _POLL_MIN_S
-        while True:
-            for result in read_results(self.app, pending):
+
+        def look() -> list[str]:
+            nonlocal pending
+            for result in reader.read(pending):
                 results[result.task_id] = result
+            finished = [task_id for task_id in pending if results[task_id].status.is_final]
+            reader.forget(finished)
             pending = [task_id for task_id in pending if not results[task_id].status.is_final]
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if not pending or (remaining is not None and remaining <= 0):
-                break
-            time.sleep(pause if remaining is None else min(pause, remaining))
-            pause = min(pause * 1.5, _POLL_MAX_S)
+            return pending
+
+        poll(look, lambda left: not left, timeout_s=timeout_s, first_pause_s=_POLL_FIRST_S, max_pause_s=_POLL_MAX_S)
         for task_id in pending:
-            cut = results[task_id]
-            cut.error = f"wait timed out after {timeout_s:g} s; the task is still {cut.status.value}"
-            cut.error_type = "WaitTimeout"
+            results[task_id] = timed_out(results[task_id], timeout_s)
         return [results[task_id].model_copy() for task_id in task_ids]
 
     # ------------------------------------------------------------------ worker side
@@ -277,7 +274,7 @@ class RactoCeleryWorker:
         registry: dict[str, RactoCeleryWorker] = self.app.__dict__.setdefault("_racto_workers", {})
         holder = registry.get(self.name)
         if holder is not None and not replace and not _same_kit(holder.kit, self.kit):
-            raise ValueError(
+            raise InvalidArgument(
                 f"a RactoCeleryWorker named {self.name!r} with another kit ({holder.kit!r}) is already "
                 f"registered on this Celery app; pass name='<another name>' to run both kits, or "
                 f"replace=True to take the name over"
@@ -417,27 +414,29 @@ def _require_json(value: Any, what: str) -> None:
     try:
         json.dumps(value)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"{what} must be JSON-serialisable (str, number, bool, list, dict): {exc}") from None
+        raise InvalidSource(f"{what} must be JSON-serialisable (str, number, bool, list, dict): {exc}") from None
+
+
+def timed_out(result: TaskResult, timeout_s: float | None) -> TaskResult:
+    """``result`` as a wait that ran out reports it: the real status, ``error_type="WaitTimeout"``."""
+    cut = result.model_copy()
+    cut.error = f"wait timed out after {timeout_s:g} s; the task is still {cut.status.value}"
+    cut.error_type = "WaitTimeout"
+    return cut
 
 
 def _check_visibility_timeout(app: Celery, cfg: RetryConfig) -> None:
-    """Refuse a retry schedule the broker would turn into duplicate runs.
-
-    Redis and SQS hand an unacknowledged message to another worker after
-    ``visibility_timeout``; a retry countdown at least that long is redelivered
-    while it waits and runs twice.
-    """
+    """On Redis and SQS, a retry countdown must stay below the visibility timeout (see config)."""
     url = str(app.conf.broker_url or "")
     if not url.startswith(_REDIS_SCHEMES):
         return
     options = app.conf.broker_transport_options or {}
-    visibility = float(options.get("visibility_timeout", _DEFAULT_VISIBILITY_TIMEOUT_S))
-    if cfg.max_delay_s >= visibility:
-        raise ValueError(
-            f"RetryConfig.max_delay_s={cfg.max_delay_s:g} is not below the broker's visibility_timeout "
-            f"({visibility:g} s): a retry waiting that long would be redelivered and run twice. Lower "
-            "max_delay_s, or raise broker_transport_options['visibility_timeout']"
-        )
+    check_retry_fits_visibility(
+        cfg.max_delay_s,
+        float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT_S)),
+        max_delay="RetryConfig.max_delay_s",
+        visibility="broker_transport_options['visibility_timeout']",
+    )
 
 
 __all__ = ["BatchGroupResult", "RactoCeleryWorker", "TaskStatus"]

@@ -1,0 +1,1 @@
+"""Where tasks run: ``connect()``, worker processes, and the fleet's status."""

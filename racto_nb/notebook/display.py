@@ -1,0 +1,49 @@
+"""Every message a user reads when work starts or ends early, and the rendered answer.
+
+The wording, and the command to copy, is written once here: the views, the
+runs and the magics all take their text from these functions.
+"""
+
+from __future__ import annotations
+
+from racto_nb.models import BatchProgress, TaskResult, TaskStatus
+from racto_nb.notebook.kernel import ipython_display, markdown
+
+__all__ = ["batch_ended_early", "batch_started", "show_content", "task_ended_early"]
+
+
+def show_content(result: TaskResult) -> None:
+    """Render a finished task's content as Markdown (nothing when it has none)."""
+    if result.content is not None:
+        ipython_display(markdown(result.content))
+
+
+def batch_started(batch_id: str, *, rows: int, tasks: int) -> str:
+    """Shown once per batch where no widget header carries the id."""
+    skipped = rows - tasks
+    extra = f" ({skipped} skipped)" if skipped else ""
+    return f"batch {batch_id}: {tasks} tasks, {rows} rows{extra}; reattach: %racto_batch --attach {batch_id}"
+
+
+def batch_ended_early(batch_id: str, progress: BatchProgress | None, *, why: str) -> str:
+    """After a timeout or an interrupt: the batch runs on; how to get back to it or stop it."""
+    state = f" ({progress.done} of {progress.total} tasks final)" if progress is not None else ""
+    quoted = repr(batch_id)
+    return (
+        f"{why}: stopped waiting for batch {batch_id}{state}; it keeps running on the workers.\n"
+        f"  follow it: %racto_batch --attach {batch_id} --out NAME  (or racto_nb.api.attach({quoted}))\n"
+        f"  cancel it: %racto_batch --attach {batch_id} --cancel  (or racto_nb.api.attach({quoted}).cancel())"
+    )
+
+
+def task_ended_early(task_id: str, result: TaskResult | None, *, why: str) -> str:
+    """After a timeout or an interrupt on one task."""
+    state = (
+        f" (still {result.status.value})"
+        if result is not None and result.status is not TaskStatus.PENDING
+        else ""
+    )
+    return (
+        f"{why}: stopped waiting for task {task_id}{state}; it keeps running on the workers.\n"
+        f"  get it later:  racto_nb.api.get_result({task_id!r})"
+    )
