@@ -29,6 +29,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidSource",
     "KitUnavailable",
+    "LocalModelCrashed",
     "ModelNotFound",
     "RactoError",
     "RetryScheduled",
@@ -69,6 +70,21 @@ class KitUnavailable(RactoError, ImportError):
 
 class ModelNotFound(RactoError, FileNotFoundError):
     """A local model file is missing; the message names the path or the package that should hold it."""
+
+
+class LocalModelCrashed(RactoError, RuntimeError):
+    """The process running a local model died (segfault, abort, killed, out of memory) during a call.
+
+    The message is one line naming the signal or exit status and the fix; the
+    kernel or worker that made the call is unharmed and the next call starts a
+    fresh model process. ``returncode`` is the process's (negative: the signal
+    number), ``stderr_tail`` its last lines of output, when known.
+    """
+
+    def __init__(self, message: str, *, returncode: int | None = None, stderr_tail: str = "") -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
 
 
 class BrokerUnreachable(RactoError, ConnectionError):

@@ -1,12 +1,15 @@
 """LocalKit against the real SmolLM2-135M GGUF: no mocks of the model.
 
 Every generation asks for a handful of tokens so the file stays well under a
-minute on two CPU cores; one kit (one model load) is shared by the module.
+minute on two CPU cores; one kit (one model process) is shared by the module.
+What happens when that process dies is in ``test_local_process.py``.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import pickle
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,14 @@ from typing import Any
 import pytest
 
 from racto_nb.kits.base import run_chat
-from racto_nb.kits.local import EXTRA_KEYS, SMOLLM2_MODEL, LocalKit, find_smollm2_gguf
+from racto_nb.kits.local import (
+    CHATML_STOP,
+    DEFAULT_MAX_TOKENS_CAP,
+    EXTRA_KEYS,
+    SMOLLM2_MODEL,
+    LocalKit,
+    find_smollm2_gguf,
+)
 from racto_nb.models import ChatConfig, Message
 
 pytestmark = pytest.mark.slow
@@ -39,7 +49,7 @@ def test_bundled_gguf_is_found() -> None:
 def test_construction_is_cheap_and_lazy() -> None:
     fresh = LocalKit()
     assert not fresh.loaded
-    assert fresh.load_s is None
+    assert fresh.load_s is None and fresh.pid is None
     assert fresh.model == SMOLLM2_MODEL
 
 
@@ -83,6 +93,53 @@ def test_max_tokens_is_capped() -> None:
     assert capped.sampling_kwargs(ChatConfig(user_message="hi", max_tokens=5))["max_tokens"] == 5
 
 
+def test_stop_strings_are_the_chat_templates_and_extra_adds_to_them() -> None:
+    assert CHATML_STOP == ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
+    kit = LocalKit()
+    assert kit.sampling_kwargs(ChatConfig(user_message="hi"))["stop"] == list(CHATML_STOP)
+    with_newline = kit.sampling_kwargs(ChatConfig(user_message="hi", extra={"stop": ["\n", "<|im_end|>"]}))
+    assert with_newline["stop"] == [*CHATML_STOP, "\n"]
+    assert LocalKit(stop=()).sampling_kwargs(ChatConfig(user_message="hi"))["stop"] == []
+    with pytest.raises(ValueError, match="stop"):
+        LocalKit(stop="<|im_end|>")
+
+
+def test_default_cap_cuts_a_looping_answer(kit: LocalKit) -> None:
+    # At temperature 0 this prompt makes SmolLM2-135M loop (1,000 tokens when allowed); ChatConfig asks for 4096.
+    assert kit.max_tokens_cap == DEFAULT_MAX_TOKENS_CAP == 256
+    response = kit.chat(ChatConfig(user_message=LONG_PROMPT, temperature=0.0))
+    assert response.finish_reason == "length"
+    assert response.usage["completion_tokens"] == DEFAULT_MAX_TOKENS_CAP
+
+
+def test_short_answers_stop_by_themselves_without_template_markers(kit: LocalKit) -> None:
+    for prompt in ("What is the capital of France? Answer in one word.", "Say hello to Ada."):
+        response = kit.chat(ChatConfig(user_message=prompt, temperature=0.0))
+        assert response.finish_reason == "stop", response.content
+        assert response.usage["completion_tokens"] < DEFAULT_MAX_TOKENS_CAP
+        assert response.content and "<|" not in response.content
+
+
+def test_kits_compare_by_settings_not_by_process(kit: LocalKit) -> None:
+    same = LocalKit(n_threads=2)
+    assert kit.loaded and not same.loaded
+    assert same == kit and hash(same) == hash(kit)
+    assert len({kit, same}) == 1
+    assert LocalKit(n_threads=2, seed=1) != kit
+    assert LocalKit(n_threads=2, system_prompt="Be brief.") != kit
+    assert LocalKit(n_threads=2, max_tokens_cap=64) != kit
+    assert LocalKit(n_threads=2, extra_bufts=True) != kit
+    assert LocalKit(n_threads=2, model_path=find_smollm2_gguf()) == kit
+    assert kit != "LocalKit"
+
+
+def test_copies_carry_the_settings_not_the_process(kit: LocalKit) -> None:
+    for clone in (copy.copy(kit), pickle.loads(pickle.dumps(kit))):
+        assert clone == kit
+        assert not clone.loaded and clone.pid is None and clone.load_s is None
+    assert kit.loaded  # the original keeps its process
+
+
 def test_history_is_sent(kit: LocalKit) -> None:
     bare = kit.chat(ChatConfig(user_message="What is my name?", max_tokens=1))
     history = [
@@ -121,7 +178,7 @@ def test_unknown_extra_key_fails_before_generation() -> None:
         fresh.chat(ChatConfig(user_message="hi", extra={"response_format": {"type": "json_object"}}))
     for key in EXTRA_KEYS:
         assert key in str(info.value)
-    assert not fresh.loaded  # rejected before the model was even loaded
+    assert not fresh.loaded and fresh.pid is None  # rejected in this process, before a model process started
 
 
 def test_ill_typed_extra_value_is_rejected() -> None:
@@ -155,6 +212,9 @@ def test_describe_and_repr_show_settings(kit: LocalKit) -> None:
     info = kit.describe()
     assert info["model_path"] == str(kit.model_path)
     assert info["n_threads"] == 2 and info["loaded"] is True
+    assert info["pid"] == kit.pid and info["pid"] is not None
+    assert isinstance(info["extra_bufts"], bool) and info["extra_bufts_why"]
+    assert info["stop"] == list(CHATML_STOP) and info["max_tokens_cap"] == 256
     assert str(kit.model_path) in repr(kit)
 
 

