@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from racto_nb.config import DEFAULT_CALL_TIMEOUT_S
 from racto_nb.errors import InvalidArgument
@@ -30,6 +31,12 @@ class OpenAIKit:
     The key is read when the client is first built, in the process that makes
     the call (a worker reads its own ``OPENAI_API_KEY``); it is never part of a
     task message.
+
+    Kits compare equal when their settings are equal (model, base URL, system
+    prompt, timeout, key variable, and an explicit ``api_key`` by its SHA-256,
+    which is never shown), never by their client: re-running a notebook cell
+    that builds ``RactoCeleryWorker(app, kit=OpenAIKit(...))`` with the same
+    settings finds the same kit.
     """
 
     def __init__(
@@ -52,8 +59,21 @@ class OpenAIKit:
         self.timeout_s = timeout_s
         self.api_key_env = api_key_env
         self._api_key = api_key
+        self._api_key_sha256 = hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
         self._client: openai.OpenAI | None = None
         self._lock = threading.Lock()
+
+    def _settings(self) -> tuple[Any, ...]:
+        return (self.model, self.base_url, self.system_prompt, self.timeout_s, self.api_key_env, self._api_key_sha256)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, OpenAIKit)
+        return self._settings() == other._settings()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__qualname__, self._settings()))
 
     def __repr__(self) -> str:
         where = f", base_url={self.base_url!r}" if self.base_url else ""
