@@ -202,13 +202,7 @@ def _run_batch(
         source, template, custom_id=custom_id, on_missing=on_missing, write_back=write_back, frame=frame
     )
     batch = Batch.submit(
-        resolve_worker(worker),
-        rows.prompts,
-        index=rows.index,
-        reasons=rows.reasons,
-        temperature=temperature,
-        max_tokens=max_tokens,
-        background=True,
+        resolve_worker(worker), rows, temperature=temperature, max_tokens=max_tokens, background=True, title=title
     )
     run = BatchRun(
         batch,

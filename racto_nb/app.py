@@ -36,7 +36,12 @@ logger = logging.getLogger(__name__)
 config = load_config()
 app = build_celery(config)
 worker = RactoCeleryWorker(
-    app, kit=build_kit(config), rag=build_rag(config), retry_config=build_retry(config), name=config.worker_name
+    app,
+    kit=build_kit(config),
+    rag=build_rag(config),
+    retry_config=build_retry(config),
+    name=config.worker_name,
+    stale_after_s=config.visibility_timeout_s,
 )
 
 

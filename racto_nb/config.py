@@ -40,16 +40,20 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 __all__ = [
+    "ANSWER_TIMEOUT_S",
     "BROKER_ANSWER_TIMEOUT_S",
     "CONFIG_FILE_NAME",
     "DEFAULT_CALL_TIMEOUT_S",
+    "DEFAULT_CHECKPOINT_DIR",
     "DEFAULT_EMBEDDED_CONCURRENCY",
+    "DEFAULT_MAX_PROMPT_CHARS",
+    "DEFAULT_PUBLISH_WINDOW",
+    "DEFAULT_STALE_AFTER_S",
     "DEFAULT_WORKER_CONCURRENCY",
     "ENV_PREFIX",
     "ConfigError",
     "RactoConfig",
     "build_retry",
-    "check_retry_fits_visibility",
     "check_worker_name",
     "env_name",
     "is_embedded_url",
@@ -70,18 +74,27 @@ _PASSWORD_IN_URL = re.compile(r"(://[^:/@;]*:)[^@;]*@")
 #: Seven days: ``PENDING`` means "unknown id" as well as "waiting", so results
 #: must outlive any batch a user might come back to (Celery's default is 1 day).
 RESULT_EXPIRES_S = 7 * 24 * 3600
-#: An unreachable broker must fail a notebook cell in seconds, not hang it.
+#: An unreachable broker must fail a notebook cell in seconds, not hang it: a refusing one within this...
 CONNECT_TIMEOUT_S = 2.0
-#: How long Redis (and SQS) wait before handing an unacknowledged task to another worker (Celery's default).
-DEFAULT_VISIBILITY_TIMEOUT_S = 3600.0
+#: ...and one that accepts the connection and then says nothing, within this.
+ANSWER_TIMEOUT_S = 5.0
+#: A worker that stopped renewing its claim on a task for this long is dead: the task goes to a live worker.
+#: Live workers renew every third of it, however long their calls or retry countdowns take.
+DEFAULT_STALE_AFTER_S = 30.0
 #: How long a broker may take to answer a probe before ``connect()`` or ``status()`` says it is unreachable.
 BROKER_ANSWER_TIMEOUT_S = 5.0
 #: HTTP timeout of one model call (``OpenAIKit``, ``RACTO_TIMEOUT_S``).
 DEFAULT_CALL_TIMEOUT_S = 60.0
-#: Threads of the embedded (in-kernel) worker.
-DEFAULT_EMBEDDED_CONCURRENCY = 8
-#: Threads of each worker process started from a notebook (``%racto_workers start``).
-DEFAULT_WORKER_CONCURRENCY = 32
+#: Where batches keep their local checkpoint: beside the notebook (the kernel's working directory).
+DEFAULT_CHECKPOINT_DIR = ".racto"
+#: Rows a batch keeps sent and unfinished at most: Redis holds a window, not the batch.
+DEFAULT_PUBLISH_WINDOW = 100_000
+#: A prompt longer than this is refused before anything is sent.
+DEFAULT_MAX_PROMPT_CHARS = 1_000_000
+#: Threads of the embedded (in-kernel) worker: calls in flight inside the kernel.
+DEFAULT_EMBEDDED_CONCURRENCY = 32
+#: Threads of each worker process (``celery -A racto_nb.app worker``, ``%racto_workers start``): calls in flight.
+DEFAULT_WORKER_CONCURRENCY = 256
 
 
 def check_worker_name(name: str, what: str = "name") -> str:
@@ -89,23 +102,6 @@ def check_worker_name(name: str, what: str = "name") -> str:
     if not isinstance(name, str) or not _WORKER_NAME.match(name):
         raise ConfigError(f"{what} must be letters, digits, '-' or '_' (got {name!r})")
     return name
-
-
-def check_retry_fits_visibility(
-    max_delay_s: float, visibility_timeout_s: float, *, max_delay: str, visibility: str
-) -> None:
-    """Refuse a retry schedule the broker would turn into duplicate runs.
-
-    Redis and SQS hand an unacknowledged message to another worker after the
-    visibility timeout; a retry countdown at least that long is redelivered
-    while it waits and runs twice. ``max_delay``/``visibility`` name the
-    settings in the message, as the caller knows them.
-    """
-    if max_delay_s >= visibility_timeout_s:
-        raise ConfigError(
-            f"{max_delay}={max_delay_s:g} must be below {visibility}={visibility_timeout_s:g}: a retry "
-            "waiting that long is redelivered by the broker and runs twice. Lower the first, or raise the second"
-        )
 
 
 def mask_url(url: str | None) -> str | None:
@@ -165,8 +161,18 @@ class RactoConfig(BaseModel):
     rag_path: str | None = Field(
         default=None, description="File racto_nb.rag.from_config() stores chunks in (shared on one machine)."
     )
+    checkpoint_dir: str = Field(
+        default=DEFAULT_CHECKPOINT_DIR,
+        description="Folder of the batches' local checkpoints (inputs, index, results as Parquet).",
+    )
+    publish_window: int = Field(
+        default=DEFAULT_PUBLISH_WINDOW, ge=0, description="Rows a batch keeps sent and unfinished at most; 0: all."
+    )
+    max_prompt_chars: int = Field(default=DEFAULT_MAX_PROMPT_CHARS, gt=0, description="Longest prompt sent.")
     visibility_timeout_s: float = Field(
-        default=DEFAULT_VISIBILITY_TIMEOUT_S, gt=0, description="Redis/SQS redelivery time of an unacknowledged task."
+        default=DEFAULT_STALE_AFTER_S,
+        gt=0,
+        description="Seconds after which a task held by a worker that stopped answering runs on a live worker.",
     )
 
     @field_validator("broker_url", "result_backend", "base_url")
@@ -209,16 +215,6 @@ class RactoConfig(BaseModel):
                 f"{env_name('model')} is required for the openai provider, e.g. gpt-4o-mini "
                 "(or the model name your OpenAI-compatible server serves)"
             )
-        if self.max_delay_s is not None:
-            try:
-                check_retry_fits_visibility(
-                    self.max_delay_s,
-                    self.visibility_timeout_s,
-                    max_delay=env_name("max_delay_s"),
-                    visibility=env_name("visibility_timeout_s"),
-                )
-            except ConfigError as exc:
-                raise ValueError(str(exc)) from None
         return self
 
     @property

@@ -69,6 +69,12 @@ class TaskResult(BaseModel):
     )
     custom_id: str | None = Field(default=None, description="Batch item's own id, as given in BatchItem.")
     index: int | None = Field(default=None, description="Batch item's position in submission order.")
+    deliveries: int | None = Field(
+        default=None,
+        description="Workers the last attempt was handed to: above 1, a worker died running it and the call "
+        "may have reached the provider more than once.",
+    )
+    worker: str | None = Field(default=None, description="The worker (node name) that ran or is running it.")
 
     @property
     def ok(self) -> bool:
@@ -177,6 +183,9 @@ class BatchProgress(BaseModel):
     finished: bool = Field(default=False, description="Every task is final (or the batch was cancelled).")
     cancelled: bool = False
     submitted: int | None = Field(default=None, description="Tasks handed to the broker so far.")
+    note: str | None = Field(
+        default=None, description="What the batch is doing about a problem right now (a backend reconnecting, ...)."
+    )
 
     def count(self, status: TaskStatus) -> int:
         """Tasks currently in ``status``."""

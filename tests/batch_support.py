@@ -60,7 +60,7 @@ def idle_worker(redis_server: RedisServer, fake_openai: FakeOpenAIServer, unique
     from tests.worker_apps.openai_app import make_app
 
     app = make_app(redis_server.url, redis_server.url, queue=unique_case)
-    yield RactoCeleryWorker(app, kit=OpenAIKit("idle-model", base_url=fake_openai.base_url))
+    yield RactoCeleryWorker(app, kit=OpenAIKit("idle-model", base_url=fake_openai.base_url), queue=unique_case)
     client = redis_server.client()
     client.delete(unique_case)
     client.close()

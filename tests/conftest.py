@@ -28,6 +28,19 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
+@pytest.fixture(scope="session", autouse=True)
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Batches checkpoint under a temporary folder, not beside the repository's notebooks."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    previous = os.environ.get("RACTO_CHECKPOINT_DIR")
+    os.environ["RACTO_CHECKPOINT_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("RACTO_CHECKPOINT_DIR", None)
+    else:
+        os.environ["RACTO_CHECKPOINT_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as server:

@@ -201,7 +201,7 @@ def test_widget_buttons_retry_into_the_same_frame(
     calls: list[pd.DataFrame] = []
     df = pd.DataFrame({"text": [f"ok [case:{unique_case}]", f"no [case:{bad}]"]})
     rows = api.prepare_rows(df, "{text}", write_back="out")
-    batch = Batch.submit(worker, rows.prompts, index=rows.index, reasons=rows.reasons)
+    batch = Batch.submit(worker, rows)
     run = BatchRun(
         batch, progress="widget", on_done=calls.append, write_back=rows.write_back, interval_s=0.05
     )

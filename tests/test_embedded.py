@@ -36,7 +36,7 @@ def embedded_threads() -> list[threading.Thread]:
 def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No RACTO_* settings and no racto_nb.toml: 'nothing configured'; always disconnect after."""
     for name in list(os.environ):
-        if name.startswith("RACTO_"):
+        if name.startswith("RACTO_") and name != "RACTO_CHECKPOINT_DIR":
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
     yield

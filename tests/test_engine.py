@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import time
 from typing import Any
+from uuid import uuid4
 
 import pytest
 from celery import Celery
@@ -16,6 +17,7 @@ from celery import Celery
 from racto_nb import BatchItem, RactoCeleryWorker, RetryConfig, TaskResult, TaskStatus
 from racto_nb.fleet.processes import WorkerProcess
 from racto_nb.kits import OpenAIKit
+from racto_nb.models import ChatConfig
 from racto_nb.testing import FakeOpenAIServer, RedisServer
 from tests.conftest import WORKER_API_KEY
 
@@ -284,7 +286,7 @@ def test_a_second_kit_under_a_taken_name_is_refused() -> None:
     with pytest.raises(ValueError, match="name="):
         RactoCeleryWorker(app, kit=OpenAIKit("two"))
     other = RactoCeleryWorker(app, kit=OpenAIKit("two"), name="two")
-    assert first.generate_task.name != other.generate_task.name
+    assert first.task.name != other.task.name
 
 
 def test_ractogateway_kit_works_unchanged(openai_app: Any, unique_case: str) -> None:
@@ -365,16 +367,15 @@ def test_a_task_survives_a_sigkilled_worker(
     repo_root: Any,
     unique_case: str,
 ) -> None:
-    """Late acknowledgement: the message stays in Redis's unacked set and comes back.
+    """Late acknowledgement: the message stays in Redis's unacked set and the sweep of a live worker hands it back.
 
-    With the Redis broker the redelivery waits for ``visibility_timeout``
-    (3 s here; Celery's default is one hour).
+    It waits for the dead worker's claim to go stale (3 s here; 30 s by default).
     """
     env = {
         **worker_env,
         "RACTO_TEST_BROKER": private_redis.url,
         "RACTO_TEST_BACKEND": private_redis.url,
-        "RACTO_TEST_VISIBILITY_S": "3",
+        "RACTO_TEST_STALE_S": "3",
     }
     client_app = openai_app.make_app(private_redis.url, private_redis.url, visibility_s=3)
     client = openai_app.register(client_app)["default"]
@@ -403,7 +404,7 @@ def test_redelivery_is_bounded(
         **worker_env,
         "RACTO_TEST_BROKER": private_redis.url,
         "RACTO_TEST_BACKEND": private_redis.url,
-        "RACTO_TEST_VISIBILITY_S": "3",
+        "RACTO_TEST_STALE_S": "3",
     }
     client_app = openai_app.make_app(private_redis.url, private_redis.url, visibility_s=3)
     crash = openai_app.register(client_app)["crash"]  # max_redeliveries=1
@@ -447,26 +448,32 @@ class EchoKit:
         return f"{self.tag}: {config.user_message}"
 
 
-def run_locally(worker: RactoCeleryWorker, message: str) -> Any:
-    """Execute the registered task in this process (Celery's ``Task.apply``)."""
-    return worker.generate_task.apply(args=({"user_message": message},))
+IN_PROCESS = "racto_nb.embedded.transport:InProcessBackend"
+
+
+def run_locally(worker: RactoCeleryWorker, message: str) -> TaskResult:
+    """Execute the registered task on one row in this process (Celery's ``Task.apply``)."""
+    row = f"local-{uuid4().hex}"
+    payload = worker.chunk(row, "chat", worker.defaults(ChatConfig(user_message="-")), [{"id": row, "m": message}])
+    worker.task.apply(args=(payload,), task_id=f"{row}:c")
+    return worker.get_result(row)
 
 
 def test_replace_true_runs_the_new_kit() -> None:
-    app = Celery(broker="memory://", backend="cache+memory://")
+    app = Celery(broker="memory://", backend=IN_PROCESS)
     RactoCeleryWorker(app, kit=EchoKit("old"))
     new = RactoCeleryWorker(app, kit=EchoKit("new"), replace=True)
-    assert run_locally(new, "hi").get()["output"]["content"] == "new: hi"
+    assert run_locally(new, "hi").content == "new: hi"
 
 
 def test_a_rerun_cell_gets_its_new_retry_policy() -> None:
-    app = Celery(broker="memory://", backend="cache+memory://")
+    app = Celery(broker="memory://", backend=IN_PROCESS)
     kit = EchoKit("flaky", fail_with=503)
     RactoCeleryWorker(app, kit=kit, retry_config=RetryConfig(max_retries=3))
     rerun = RactoCeleryWorker(app, kit=kit, retry_config=RetryConfig(max_retries=0))
     outcome = run_locally(rerun, "hi")
-    assert outcome.state == "FAILURE"
-    assert outcome.result.attempts == 1 and "gave up after 1 attempts" in str(outcome.result)
+    assert outcome.status is TaskStatus.FAILURE
+    assert outcome.attempts == 1 and "gave up after 1 attempts" in str(outcome.error)
 
 
 def test_retried_items_keep_their_custom_id(openai_app: Any, fake_openai: FakeOpenAIServer, unique_case: str) -> None:
@@ -483,7 +490,9 @@ def test_no_client_side_key_reaches_redis(redis_server: RedisServer, unique_case
     secret = "sk-client-secret-91c2"
     app = Celery(broker=redis_server.url, backend=redis_server.url)
     app.conf.task_default_queue = f"nobody-consumes-{unique_case}"
-    client = RactoCeleryWorker(app, kit=OpenAIKit("m", api_key=secret), name=f"secretive{unique_case[-6:]}")
+    client = RactoCeleryWorker(
+        app, kit=OpenAIKit("m", api_key=secret), name=f"secretive{unique_case[-6:]}", queue=app.conf.task_default_queue
+    )
     client.generate("hello", extra={"seed": 1})
     client.parallel_batch(["a", BatchItem(user_message="b", custom_id="x")])
     redis = redis_server.client()

@@ -36,7 +36,7 @@ def fleet_env(
 ) -> Iterator[None]:
     """RACTO_* settings as a user would export them before starting Jupyter and the workers."""
     for name in list(os.environ):
-        if name.startswith("RACTO_"):
+        if name.startswith("RACTO_") and name != "RACTO_CHECKPOINT_DIR":
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RACTO_BROKER_URL", redis.url)

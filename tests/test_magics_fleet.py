@@ -49,7 +49,7 @@ def ip(
 ) -> Iterator[InteractiveShell]:
     """The shell, with the settings a user would export before starting Jupyter; no broker configured."""
     for name in list(os.environ):
-        if name.startswith("RACTO_"):
+        if name.startswith("RACTO_") and name != "RACTO_CHECKPOINT_DIR":
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RACTO_PROVIDER", "openai")
@@ -86,7 +86,7 @@ def test_start_status_generate_stop(ip: InteractiveShell, redis: RedisServer, un
     assert _run(ip, "racto_workers").stdout == started  # no subcommand lists them
     text, html = _status(ip)
     assert re.search(rf"{re.escape(redis.url)}: reachable \(\d", text)
-    assert "1 online, 3 slots" in text and f"{nodename}: thread x 3" in text and "celery: 0 waiting" in text
+    assert "1 online, 3 slots" in text and f"{nodename}: thread x 3" in text and "racto_nb.default: 0 waiting" in text
     assert "<table" in html and nodename in html
 
     ip.user_ns["case"] = unique_case

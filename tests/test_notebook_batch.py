@@ -100,7 +100,7 @@ def test_magics_notebook_runs_top_to_bottom(
     assert "success after 1 attempt(s)" in outputs
     assert "echo: Summarise this report in three bullets: Q3 revenue grew 4%" in outputs
     assert "still free while it runs: 42" in outputs
-    assert "same frame: (6, 13)" in outputs
+    assert "same frame: (6, 14)" in outputs
     widget_views = [
         o
         for c in code

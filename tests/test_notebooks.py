@@ -55,7 +55,7 @@ def python3_kernel() -> str:
 @pytest.fixture
 def no_racto_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
-        if name.startswith("RACTO_"):
+        if name.startswith("RACTO_") and name != "RACTO_CHECKPOINT_DIR":
             monkeypatch.delenv(name)
 
 
@@ -144,4 +144,4 @@ def test_binder_start_then_demos_run_against_its_redis_and_worker(
     # The tasks really went through Redis to the worker process, not an embedded worker.
     log = (tmp_path / "binder-run" / "worker.log").read_text()
     assert "racto-binder@" in log and "ready." in log
-    assert log.count("racto_nb.default.generate") >= 40 and "racto_nb.default.ingest" in log
+    assert log.count("racto_nb.default.rows[") >= 40  # one message per row at this size, ingests included

@@ -1,59 +1,91 @@
-"""A batch: one task per row, tracked until every row is final, never losing one.
+"""A batch: every row of a source, sent in chunks, followed through its events, none ever lost.
 
-``Batch`` owns the bookkeeping a notebook needs around the engine:
+``Batch`` is what a notebook holds while its rows are out on the fleet:
 
-* a manifest (task ids, payloads, the source index) saved in the result
-  backend *before* the first message is sent, so a restarted kernel can
-  rebuild the same DataFrame with :meth:`Batch.attach`;
-* publishing in a background thread, so 10,000 rows return control at once
-  (``group().apply_async()`` costs about 1 ms a task and blocks the cell);
-* refreshes that read only the unfinished tasks, in chunked MGETs, and decode
-  only the values that changed since the last look;
-* cancel (a flag the tasks check, plus REVOKED marks for waiting tasks) and
-  retry-failed (new tasks for the failed rows, in the same result).
+* **Submit returns at once.** Checking the source is vectorised
+  (:mod:`racto_nb.batch.rows`); rendering, the local checkpoint of the inputs
+  (:mod:`racto_nb.batch.checkpoint`) and publishing happen in a daemon thread.
+  A million rows hand control back in well under a second.
+* **A window, not the batch, is in Redis.** The publisher keeps at most
+  ``window`` rows sent and unfinished; the rest wait in the checkpoint. Rows
+  travel several per message (:mod:`racto_nb.engine.chunks`).
+* **A refresh reads what changed.** Workers append each row's state changes
+  to the batch's event stream; a refresh reads the new entries and the
+  results of the rows that just finished, never every unfinished row.
+  Counts are kept as the events come in, so a refresh costs the same with
+  ten rows or a million outstanding.
+* **Results go to disk as they arrive**, in the checkpoint; their Redis keys
+  then expire soon. The final DataFrame is read from there.
+* **Nothing is lost.** A row whose worker died shows so and runs again
+  (:mod:`racto_nb.engine.keepalive`); a chunk that left no trace is sent again
+  with the same id (:mod:`racto_nb.engine.recovery`); a backend that restarts
+  is waited for, and if it lost its data the manifest is saved again and the
+  unfinished rows are sent again from the checkpoint; a kernel that died is
+  replaced by :meth:`Batch.attach`, which reads the checkpoint first, asks the
+  backend only for what is missing and publishes whatever was never sent.
 
-Rows the template skipped (missing values) are part of the result, with status
-``skipped``, but not of the progress: they are not tasks.
-
-Views never call Celery: they receive the ``BatchProgress`` that
-:meth:`Batch.refresh` computes.
+Rows the source skipped (missing values) are part of the result, with status
+``skipped``, but not of the progress: they are not tasks. Views never call
+Celery: they receive the ``BatchProgress`` that :meth:`Batch.refresh` computes.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import numpy.typing as npt
 import pandas as pd
-from celery.backends.base import BaseKeyValueStoreBackend
+import pyarrow as pa
+import pyarrow.compute as pc
+from celery import states
+from celery.exceptions import TaskRevokedError
 from celery.utils import uuid
 
-from racto_nb.batch.store import index_from_json, index_to_json, mark_revoked
+from racto_nb.batch.checkpoint import INPUT_PART_ROWS, Checkpoint
+from racto_nb.batch.rows import Rows
+from racto_nb.config import load_config
+from racto_nb.engine.chunks import ChunkPayload, RowSpec, chunk_spans, rows_per_chunk
+from racto_nb.engine.keys import (
+    batch_key,
+    cancel_key,
+    chunk_task_id,
+    events_key,
+    published_key,
+    publisher_key,
+    row_id,
+)
 from racto_nb.engine.polling import poll
-from racto_nb.engine.publish import publish_many
-from racto_nb.engine.results import ResultReader, cancel_key, manifest_key
-from racto_nb.errors import BatchNotFound, InvalidArgument, TaskFailed, Unsupported
-from racto_nb.models import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, BatchItem, BatchProgress, TaskResult, TaskStatus
+from racto_nb.engine.recovery import LiveWorkers, find_vanished
+from racto_nb.engine.results import encode_meta, meta_key, to_task_result
+from racto_nb.engine.store import Store, connection_errors, retrying, store_for
+from racto_nb.errors import BatchNotFound, InvalidArgument, TaskFailed
+from racto_nb.models import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE,
+    BatchItem,
+    BatchProgress,
+    ChatConfig,
+    TaskResult,
+    TaskStatus,
+)
 
 if TYPE_CHECKING:
     from racto_nb.engine.worker import RactoCeleryWorker
 
+__all__ = ["FRAME_COLUMNS", "SKIPPED_ERROR_TYPE", "SKIPPED_STATUS", "Batch"]
+
 #: ``error_type`` of rows that were never sent (their frame status is ``skipped``).
 SKIPPED_ERROR_TYPE = "NotSent"
 SKIPPED_STATUS = "skipped"
-#: Messages per publish call; cancel stops the publisher between two chunks.
-PUBLISH_CHUNK = 500
-#: How long rows marked REVOKED by cancel() keep being read. A task that checked the cancel
-#: flag just before it was set may write STARTED over the mark a moment later and run; reading
-#: those rows again until this window closes reports what really happened, not the mark.
-RECHECK_S = 1.0
-#: Pause between setting the cancel flag and marking waiting tasks REVOKED, so a task that read
-#: the flag a moment before it was set has written STARTED (and is left alone) by then.
-CANCEL_GRACE_S = 0.05
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 FRAME_COLUMNS = [
     "task_id",
     "status",
@@ -68,62 +100,119 @@ FRAME_COLUMNS = [
     "completion_tokens",
     "total_tokens",
     "custom_id",
+    "deliveries",
 ]
+
+# Row states as the batch keeps them, one byte per row.
+PENDING, STARTED, RETRY, SUCCESS, FAILURE, REVOKED, SKIPPED = range(7)
+_FINAL = (SUCCESS, FAILURE, REVOKED)
+_STATUS_OF_CODE = {
+    PENDING: TaskStatus.PENDING,
+    STARTED: TaskStatus.STARTED,
+    RETRY: TaskStatus.RETRY,
+    SUCCESS: TaskStatus.SUCCESS,
+    FAILURE: TaskStatus.FAILURE,
+    REVOKED: TaskStatus.REVOKED,
+}
+_CODE_OF_STATUS = {status: code for code, status in _STATUS_OF_CODE.items()}
+_CODE_OF_EVENT = {"S": STARTED, "R": RETRY, "D": SUCCESS, "F": FAILURE, "V": REVOKED}
+
+#: Rows sent and unfinished at most (``RACTO_PUBLISH_WINDOW``; 0: no limit).
+DEFAULT_WINDOW = 100_000
+#: Messages per publishing round trip.
+PUBLISH_GROUP = 100
+#: How long publishing keeps trying while the broker is down before failing the rows it could not send.
+PUBLISH_BUDGET_S = 60.0
+#: Event entries read per refresh, and rows confirmed per refresh (the rest: next refresh).
+EVENTS_PER_REFRESH = 500
+CONFIRMS_PER_REFRESH = 2_000
+#: Final rows are written to the checkpoint this often, or when this many are waiting.
+FLUSH_EVERY_S = 2.0
+FLUSH_ROWS = 5_000
+#: Once in the checkpoint, a row's result stays in the backend this long (for other followers), then expires.
+COLLECTED_TTL_S = 3_600.0
+#: How often the slower checks run: workers that died, chunks that vanished, the manifest still there.
+ORPHANS_EVERY_S = 3.0
+VANISHED_EVERY_S = 10.0
+VANISHED_AFTER_S = 15.0
+MANIFEST_EVERY_S = 5.0
+#: The publisher lease: renewed by the kernel that publishes, so only one kernel ever does.
+PUBLISHER_LEASE_S = 30.0
+
+
+@dataclass(eq=False)
+class _Round:
+    """The rows one publishing round sends (round 0: the batch; then one per "Retry failed")."""
+
+    number: int
+    positions: np.ndarray
+    spans: list[tuple[int, int]]
+    published: int = 0  # chunks handed to the broker so far
+    sent_at: dict[int, float] = field(default_factory=dict)  # chunk -> when (monotonic), for the vanished check
 
 
 class Batch:
     """A submitted batch and its live state. Thread-safe.
 
     Build one with :meth:`submit` or :meth:`attach`; read it with
-    :meth:`refresh`, :meth:`wait`, :meth:`results` and :meth:`to_frame`.
+    :meth:`refresh`, :meth:`wait`, :meth:`to_frame` and :meth:`results`.
     """
+
+    #: How long publishing keeps trying while the broker does not answer.
+    publish_budget_s = PUBLISH_BUDGET_S
 
     def __init__(
         self,
         worker: RactoCeleryWorker,
         *,
         batch_id: str,
+        manifest: dict[str, Any],
+        checkpoint: Checkpoint,
         index: pd.Index,
-        task_ids: list[str | None],
-        payloads: list[dict[str, Any] | None],
-        reasons: list[str | None],
-        created_at: float,
-        groups: list[str] | None = None,
+        skipped: np.ndarray,
     ) -> None:
         self.worker = worker
         self.batch_id = batch_id
+        self.manifest = manifest
+        self.checkpoint = checkpoint
         self.index = index
-        self.task_ids = task_ids
-        self.payloads = payloads
-        self.reasons = reasons
-        self.created_at = created_at
-        #: Group ids of the publishing rounds: the batch id, then one per retry-failed.
-        self.groups = groups or [batch_id]
+        self.store: Store = store_for(worker.app.backend)
+        self.backend = worker.app.backend
+        self.created_at = float(manifest["created_at"])
+        self.window = int(manifest.get("window", DEFAULT_WINDOW))
+        self.size = int(manifest["rows_per_chunk"])
+        n = len(index)
+        self.status = np.where(skipped, SKIPPED, PENDING).astype(np.int8)
+        self.round_of = np.zeros(n, dtype=np.int16)
+        self.counts = dict.fromkeys(range(7), 0)
+        self.counts[SKIPPED] = int(skipped.sum())
+        self.counts[PENDING] = n - self.counts[SKIPPED]
+        sendable = np.flatnonzero(~skipped)
+        self.rounds = [_Round(0, sendable, chunk_spans(len(sendable), self.size))]
         self.cancelled = False
         self.publish_error: BaseException | None = None
-        self._sent = [position for position, task_id in enumerate(task_ids) if task_id is not None]
-        self._results: list[TaskResult | None] = [None] * len(task_ids)
-        self._reader = ResultReader(_kv_backend(worker))
+        self.note: str | None = None
         self._lock = threading.RLock()
-        self._publishers: list[threading.Thread] = []
+        self._wake = threading.Event()
         self._stop_publishing = threading.Event()
-        self._submitted = 0
+        self._publisher: threading.Thread | None = None
+        self._publisher_token = uuid()
+        self._cursor = "0"
+        self._buffer: list[dict[str, Any]] = []
+        self._flushed_at = time.monotonic()
+        self._to_confirm: set[int] = set()
         self._finished_at: float | None = None
-        # Rows cancel() marked REVOKED, re-read for a moment: see RECHECK_S.
-        self._recheck: set[int] = set()
-        self._recheck_until = 0.0
-        for position, reason in enumerate(reasons):
-            if task_ids[position] is None:
-                self._results[position] = TaskResult(
-                    task_id="",
-                    status=TaskStatus.FAILURE,
-                    error=reason or "no prompt for this row; row not sent",
-                    error_type=SKIPPED_ERROR_TYPE,
-                    index=position,
-                )
+        self._workers = LiveWorkers(self.store)
+        self._orphans = 0
+        self._last: dict[str, float] = {"orphans": 0.0, "vanished": time.monotonic(), "manifest": time.monotonic()}
+        self._backend_down_until = 0.0
+        self._outage = 0
+        self._rows: Rows | None = None
+        self._spooled = threading.Event()
+        self._resend: list[list[tuple[_Round, int]]] = []
 
     def __repr__(self) -> str:
-        return f"<Batch {self.batch_id} rows={len(self.task_ids)} tasks={len(self._sent)}>"
+        return f"<Batch {self.batch_id} rows={len(self.index)} tasks={self.total}>"
 
     # ------------------------------------------------------------------ creation
 
@@ -131,224 +220,642 @@ class Batch:
     def submit(
         cls,
         worker: RactoCeleryWorker,
-        prompts: Sequence[str | BatchItem | None],
+        rows: Rows | Sequence[str | BatchItem | None],
         *,
         index: pd.Index | None = None,
         reasons: Sequence[str | None] | None = None,
         temperature: float = DEFAULT_TEMPERATURE,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         background: bool = True,
+        window: int | None = None,
+        checkpoint_dir: str | Path | None = None,
+        title: str = "",
     ) -> Batch:
-        """Validate every prompt, save the manifest, then publish.
+        """Save the manifest, then checkpoint the inputs and publish them (in a daemon thread by default).
 
-        ``prompts[i] is None`` marks a row that is not sent; ``reasons[i]``
-        says why (it becomes the row's error). Nothing is enqueued when any
-        prompt is invalid. With ``background=True`` the messages go out from a
-        daemon thread and this returns once the manifest is saved.
+        ``rows`` is a checked source (:func:`~racto_nb.batch.rows.prepare_rows`),
+        or prompts given one by one: ``None`` marks a row that is not sent,
+        ``reasons[i]`` says why. Nothing is enqueued when any of it is invalid.
         """
-        if len(prompts) == 0:
-            raise InvalidArgument("nothing to send: the batch has no rows")
-        index = pd.RangeIndex(len(prompts)) if index is None else index
-        if len(index) != len(prompts):
-            raise InvalidArgument(f"index has {len(index)} entries for {len(prompts)} prompts")
-        _require_storable(index)
-        given = list(reasons) if reasons is not None else [None] * len(prompts)
-        if len(given) != len(prompts):
-            raise InvalidArgument(f"reasons has {len(given)} entries for {len(prompts)} prompts")
-        reasons = [
-            None if p is not None else (r or "no prompt for this row; row not sent")
-            for p, r in zip(prompts, given, strict=True)
-        ]
-        sendable = [p for p in prompts if p is not None]
-        if not sendable:
-            raise InvalidArgument(f"nothing to send: no row has a prompt ({reasons[0]})")
-        checked = iter(worker.batch_payloads(sendable, temperature=temperature, max_tokens=max_tokens))
-        payloads: list[dict[str, Any] | None] = []
-        for position, prompt in enumerate(prompts):
-            payload = next(checked) if prompt is not None else None
-            if payload is not None:
-                payload["index"] = position
-            payloads.append(payload)
+        if not isinstance(rows, Rows):
+            rows = Rows.of_items(rows, index=index, reasons=reasons)
+        elif index is not None or reasons is not None:
+            raise InvalidArgument("index= and reasons= go with prompts given one by one, not with prepared rows")
+        _require_storable(rows.index)
+        defaults = worker.defaults(ChatConfig(user_message="-", temperature=temperature, max_tokens=max_tokens))
+        settings = load_config()
+        batch_id = uuid()
+        checkpoint = Checkpoint(Path(checkpoint_dir or settings.checkpoint_dir), batch_id)
+        n = len(rows)
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "batch": batch_id,
+            "worker": worker.name,
+            "rows": n,
+            "rows_per_chunk": rows_per_chunk(n),
+            "rounds": 1,
+            "created_at": time.time(),
+            "defaults": defaults,
+            "window": settings.publish_window if window is None else window,
+            "checkpoint": str(checkpoint.path),
+            "host": socket.gethostname(),
+            "title": title,
+        }
         batch = cls(
-            worker,
-            batch_id=uuid(),
-            index=index,
-            task_ids=[uuid() if p is not None else None for p in payloads],
-            payloads=payloads,
-            reasons=reasons,
-            created_at=time.time(),
+            worker, batch_id=batch_id, manifest=manifest, checkpoint=checkpoint, index=rows.index, skipped=rows.skipped
         )
-        batch.save()
-        batch._publish(batch._sent, group_id=batch.batch_id, background=background)
+        batch._rows = rows
+        batch.save_manifest()
+        checkpoint.write_index(rows.index)
+        batch._start_publisher(background=background)
         return batch
 
     @classmethod
-    def attach(cls, worker: RactoCeleryWorker, batch_id: str) -> Batch:
-        """Rebuild a batch from its manifest, e.g. after a kernel restart.
+    def attach(cls, worker: RactoCeleryWorker, batch_id: str, *, checkpoint_dir: str | Path | None = None) -> Batch:
+        """Rebuild a batch, e.g. after a kernel restart: its checkpoint first, then the backend for what is missing.
 
-        Works while the batch is still running; results come from the backend.
+        Works while the batch is still running, and publishes whatever the old
+        kernel had not sent yet.
         """
-        backend = _kv_backend(worker)
-        raw = backend.get(manifest_key(batch_id))
-        if raw is None:
+        store = store_for(worker.app.backend)
+        raw = store.get(batch_key(batch_id))
+        local = Checkpoint(Path(checkpoint_dir or load_config().checkpoint_dir), batch_id)
+        lost = False
+        if raw is not None:
+            manifest = json.loads(raw)
+        elif local.exists():
+            manifest, lost = local.read_manifest(), True  # the backend lost it (restarted without persistence)
+        else:
             raise BatchNotFound(
-                f"no batch {batch_id!r} in the result backend: check the id, and that this kernel is "
-                "connected to the same result backend (results expire after the app's result_expires)"
+                f"no batch {batch_id!r} in the result backend and no checkpoint of it in {local.path.parent}: check "
+                "the id, and that this kernel is connected to the same result backend and runs in the notebook's "
+                "folder. If Redis was restarted without persistence and no kernel kept the batch, it is gone: "
+                "submit it again"
             )
-        data = json.loads(raw)
-        owner = data.get("worker", worker.name)
+        owner = manifest.get("worker", worker.name)
         if owner != worker.name:
             raise BatchNotFound(
                 f"batch {batch_id!r} was submitted through the worker named {owner!r}, not {worker.name!r}; "
                 f"attach with that worker (its retries must run the same kit)"
             )
-        batch = cls(
-            worker,
-            batch_id=batch_id,
-            index=index_from_json(data["index"]),
-            task_ids=data["task_ids"],
-            payloads=data["payloads"],
-            reasons=data["reasons"],
-            created_at=data["created_at"],
-            groups=data.get("groups"),
-        )
-        batch._submitted = len(batch._sent)
-        batch.cancelled = backend.get(cancel_key(batch.groups[-1])) is not None
+        checkpoint = Checkpoint(Path(manifest["checkpoint"]).parent, batch_id)
+        if not checkpoint.exists():
+            raise BatchNotFound(
+                f"batch {batch_id!r} keeps its inputs and results in {manifest['checkpoint']} on "
+                f"{manifest.get('host', 'another machine')}, which is not here: attach from that machine, "
+                "or copy that folder to the same path here"
+            )
+        index = checkpoint.read_index()
+        skipped = np.zeros(len(index), dtype=bool)
+        if checkpoint.spooled_parts():
+            reasons = checkpoint.reasons()
+            skipped[: len(reasons)] = ~pc.is_null(reasons).to_numpy(zero_copy_only=False)
+        batch = cls(worker, batch_id=batch_id, manifest=manifest, checkpoint=checkpoint, index=index, skipped=skipped)
+        batch._restore(lost)
+        batch._start_publisher(background=True)
         return batch
 
-    def save(self) -> None:
-        """Write the manifest to the result backend (same expiry as results)."""
-        manifest = {
-            "version": MANIFEST_VERSION,
-            "worker": self.worker.name,
-            "task_ids": self.task_ids,
-            "payloads": self.payloads,
-            "reasons": self.reasons,
-            "index": index_to_json(self.index),
-            "created_at": self.created_at,
-            "groups": self.groups,
-        }
-        _kv_backend(self.worker).set(manifest_key(self.batch_id), json.dumps(manifest))
+    def _restore(self, lost: bool) -> None:
+        """State after an attach: rounds, what was sent, final rows from the checkpoint, the rest from the backend."""
+        for number in range(1, int(self.manifest.get("rounds", 1))):
+            positions = np.asarray(self.checkpoint.read_round(number), dtype=np.int64)
+            self.rounds.append(_Round(number, positions, chunk_spans(len(positions), self.size)))
+            self.round_of[positions] = number
+        self.cancelled = self.store.exists(cancel_key(self.batch_id))
+        marks = {} if lost else self.store.hgetall(published_key(self.batch_id))
+        for round_ in self.rounds:
+            round_.published = min(int(marks.get(str(round_.number), 0)), len(round_.spans))
+            for chunk in range(round_.published):
+                round_.sent_at[chunk] = time.monotonic() - VANISHED_AFTER_S  # old enough to be checked at once
+        done = self.checkpoint.results()
+        if done.num_rows:
+            frame = done.select(["position", "round", "status"]).to_pandas().drop_duplicates("position", keep="last")
+            for position, round_no, status in frame.itertuples(index=False, name=None):
+                if int(round_no) == int(self.round_of[position]) and self.status[position] != SKIPPED:
+                    self._set(int(position), _CODE_OF_STATUS[TaskStatus(status)])
+        self._fail_unrecorded()
+        if lost:
+            self.save_manifest()
+            self._resend_unfinished("the result backend lost this batch")
+        self._rescan()
+
+    def _fail_unrecorded(self) -> None:
+        """Rows the submitting kernel never checkpointed (it died within its first seconds) cannot be sent."""
+        if self.checkpoint.inputs_complete():
+            return
+        recorded = self.checkpoint.spooled_parts() * INPUT_PART_ROWS
+        for round_ in self.rounds:
+            if round_.number == 0:
+                for position in round_.positions[round_.positions >= recorded].tolist():
+                    self._record(position, TaskResult(
+                        task_id=row_id(self.batch_id, position),
+                        status=TaskStatus.FAILURE,
+                        error="never recorded: the kernel that submitted the batch stopped before checkpointing this "
+                        "row; run the cell again for these rows",
+                        error_type="NotRecorded",
+                        index=position,
+                    ))
+                round_.positions = round_.positions[round_.positions < recorded]
+                round_.spans = chunk_spans(len(round_.positions), self.size)
+                round_.published = min(round_.published, len(round_.spans))
+
+    # ------------------------------------------------------------------ manifest
+
+    def save_manifest(self) -> None:
+        """Write the manifest to the backend (expiring with the results) and to the checkpoint."""
+        text = json.dumps(self.manifest)
+        ttl = float(self.backend.expires) if self.backend.expires else None
+        retrying(lambda: self.store.set(batch_key(self.batch_id), text, ttl_s=ttl), budget_s=self.publish_budget_s)
+        self.checkpoint.write_manifest(self.manifest)
 
     # ------------------------------------------------------------------ publishing
 
-    def _publish(self, positions: Sequence[int], *, group_id: str, background: bool) -> None:
-        task_ids = [self.task_ids[p] or "" for p in positions]
-        payloads = [self.payloads[p] for p in positions]
-
-        def send() -> None:
-            sent = 0
-            try:
-                for start in range(0, len(task_ids), PUBLISH_CHUNK):
-                    if self._stop_publishing.is_set():
-                        break  # cancel() marks the rest REVOKED once this thread is done
-                    chunk = slice(start, start + PUBLISH_CHUNK)
-                    # One chunk is one pipelined write on Redis: it is in the broker, or none of it is.
-                    publish_many(
-                        self.worker.app,
-                        self.worker.generate_task,
-                        [(p,) for p in payloads[chunk]],
-                        task_ids[chunk],
-                        group_id=group_id,
-                        chunk_size=PUBLISH_CHUNK,
-                    )
-                    done = min(start + PUBLISH_CHUNK, len(task_ids))
-                    with self._lock:
-                        self._submitted += done - sent
-                    sent = done
-            except Exception as exc:  # broker gone mid-way: say so for every unsent row
-                self.publish_error = exc
-                self._mark_unsent(positions[sent:], exc)
-
+    def _start_publisher(self, *, background: bool) -> None:
         if not background:
-            send()
-            return
-        thread = threading.Thread(target=send, name=f"racto-publish-{self.batch_id[:8]}", daemon=True)
+            self._publish_all(foreground=True)
         with self._lock:
-            self._publishers = [t for t in self._publishers if t.is_alive()] + [thread]
-        thread.start()
+            if self._publisher is not None and self._publisher.is_alive():
+                self._wake.set()
+                return
+            if not self._has_work():
+                return
+            self._stop_publishing.clear()
+            self._publisher = threading.Thread(
+                target=self._publish_all, name=f"racto-publish-{self.batch_id[:8]}", daemon=True
+            )
+            self._publisher.start()
 
-    def _mark_unsent(self, positions: Sequence[int], exc: BaseException) -> None:
-        """Fail the rows that never reached the broker, here and (if it answers) in the backend.
+    def _has_work(self) -> bool:
+        return self._rows is not None or bool(self._resend) or any(r.published < len(r.spans) for r in self.rounds)
 
-        Set in memory first: with the backend down too, the rows would
-        otherwise read PENDING forever; as failures the batch ends and
-        "Retry failed" can send them again.
+    def _publish_all(self, foreground: bool = False) -> None:
+        """Checkpoint the inputs, then send chunk after chunk within the window until every one is out.
+
+        In the foreground (``background=False``) it returns once the window
+        is full, and a background publisher sends the rest.
         """
-        message = f"not submitted: the broker failed ({exc}); retry the failed rows"
+        try:
+            if self._rows is not None:
+                self._spool()
+            while not self._stop_publishing.is_set():
+                if not self._hold_publisher_lease():
+                    self.note = "another kernel is sending this batch's rows; this one follows it"
+                    if foreground or self._stop_publishing.wait(2.0):
+                        return
+                    continue
+                with self._lock:
+                    chunks = self._resend.pop(0) if self._resend else self._next_chunks()
+                if chunks is None:
+                    return
+                if not chunks:
+                    if foreground:
+                        return
+                    self._wake.wait(0.2)
+                    self._wake.clear()
+                    continue
+                self._send(chunks)
+        except Exception as exc:  # the broker stayed down: say so for every row that could not go out
+            self.publish_error = exc
+            self._fail_unsent(exc)
+        finally:
+            if not foreground or not self._has_work():
+                self._release_publisher_lease()
+
+    def _hold_publisher_lease(self) -> bool:
+        key = publisher_key(self.batch_id)
+        if self.store.renew(key, self._publisher_token, PUBLISHER_LEASE_S):
+            return True
+        return self.store.set(key, self._publisher_token, ttl_s=PUBLISHER_LEASE_S, only_new=True)
+
+    def _release_publisher_lease(self) -> None:
+        try:
+            self.store.release(publisher_key(self.batch_id), self._publisher_token)
+        except connection_errors():
+            pass  # it expires on its own
+
+    def _next_chunks(self) -> list[tuple[_Round, int]] | None:
+        """The next chunks to send, ``[]`` while the window is full, ``None`` once every chunk is out."""
         with self._lock:
-            for position in positions:
-                self._results[position] = TaskResult(
-                    task_id=self.task_ids[position] or "",
-                    status=TaskStatus.FAILURE,
-                    error=message,
-                    error_type="SubmitError",
-                    index=position,
-                    custom_id=(self.payloads[position] or {}).get("custom_id"),
-                )
+            final = self.counts[SUCCESS] + self.counts[FAILURE] + self.counts[REVOKED]
+            outstanding = self._published_rows() - final
+            room = (self.window - outstanding) if self.window > 0 else 1 << 62
+            left = [r for r in self.rounds if r.published < len(r.spans)]
+            if not left:
+                return None
+            if room <= 0:
+                return []
+            chosen: list[tuple[_Round, int]] = []
+            for round_ in left:
+                chunk = round_.published
+                while chunk < len(round_.spans) and len(chosen) < PUBLISH_GROUP and room > 0:
+                    start, stop = round_.spans[chunk]
+                    chosen.append((round_, chunk))
+                    room -= stop - start
+                    chunk += 1
+                if len(chosen) >= PUBLISH_GROUP or room <= 0:
+                    break
+            return chosen
+
+    def _published_rows(self) -> int:
+        rows = 0
+        for round_ in self.rounds:
+            if round_.published:
+                rows += round_.spans[round_.published - 1][1]
+        return rows
+
+    def _payload(self, round_: _Round, chunk: int) -> ChunkPayload:
+        start, stop = round_.spans[chunk]
+        positions = round_.positions[start:stop].tolist()
+        inputs = self.checkpoint.select(positions)
+        rows: list[RowSpec] = []
+        for position, message, custom, own in zip(
+            positions, inputs.messages, inputs.custom_ids, inputs.overrides, strict=True
+        ):
+            row: RowSpec = {"id": row_id(self.batch_id, position, round_.number), "p": position, "m": message or ""}
+            if custom is not None:
+                row["c"] = custom
+            if own:
+                for key, short in (("temperature", "t"), ("max_tokens", "k"), ("extra", "x")):
+                    if key in own:
+                        row[short] = own[key]  # type: ignore[literal-required]
+            rows.append(row)
+        flags = [cancel_key(self.batch_id), cancel_key(f"{self.batch_id}:{round_.number}")]
+        return self.worker.chunk(self.batch_id, "chat", self.manifest["defaults"], rows, events=True, flags=flags)
+
+    def _send(self, chunks: list[tuple[_Round, int]]) -> None:
+        messages = [(chunk_task_id(self.batch_id, r.number, c), self._payload(r, c)) for r, c in chunks]
+
+        def note(attempt: int, pause: float, exc: BaseException) -> None:
+            self.note = f"the broker is not answering ({type(exc).__name__}); sending again in {pause:.0f} s"
+
+        retrying(
+            lambda: self.worker.publish(messages),
+            budget_s=self.publish_budget_s,
+            on_retry=note,
+            stop=self._stop_publishing,
+        )
+        self.note = None
+        with self._lock:
+            now = time.monotonic()
+            touched = set()
+            for round_, chunk in chunks:
+                round_.published = max(round_.published, chunk + 1)
+                round_.sent_at[chunk] = now
+                touched.add(round_)
+        marks = {str(r.number): str(r.published) for r in touched}
+
+        def mark() -> None:
+            with self.store.batch() as batch:
+                for number, count in marks.items():
+                    batch.hset(published_key(self.batch_id), number, count)
+                if self.backend.expires:
+                    batch.expire(published_key(self.batch_id), float(self.backend.expires))
+
+        retrying(mark, budget_s=self.publish_budget_s)
+
+    def _fail_unsent(self, exc: BaseException) -> None:
+        """Rows the broker never took fail (locally, and in the backend if it answers): "Retry failed" sends them."""
+        message = f"not submitted: the broker failed ({exc}); retry the failed rows"
         failure = TaskFailed(message, "SubmitError")
-        backend = self.worker.app.backend
-        for position in positions:
-            try:
-                backend.store_result(self.task_ids[position], failure, "FAILURE")
-            except Exception:  # the backend is down too: the in-memory failures stand
-                break
+        with self._lock:
+            unsent = [
+                (round_, int(p))
+                for round_ in self.rounds
+                for chunk in range(round_.published, len(round_.spans))
+                for p in round_.positions[slice(*round_.spans[chunk])]
+            ]
+            for round_, position in unsent:
+                if self.status[position] not in _FINAL:
+                    self._record(position, TaskResult(
+                        task_id=row_id(self.batch_id, position, round_.number),
+                        status=TaskStatus.FAILURE,
+                        error=message,
+                        error_type="SubmitError",
+                        index=position,
+                    ))
+            for round_ in self.rounds:
+                round_.published = len(round_.spans)  # nothing left to send; "Retry failed" starts a new round
+        try:
+            with self.store.batch() as batch:
+                for round_, position in unsent:
+                    task_id = row_id(self.batch_id, position, round_.number)
+                    value = encode_meta(self.backend, task_id, states.FAILURE, failure)
+                    batch.set(meta_key(self.backend, task_id), value)
+        except connection_errors():
+            pass  # the backend is down too: the failures recorded here stand
 
     def join_publisher(self, timeout_s: float | None = None) -> bool:
-        """Wait until every message has been handed to the broker; ``False`` if still sending."""
+        """Wait until the publisher has nothing to do now (all sent, or the window full); ``False`` if still busy."""
+        thread = self._publisher
+        if thread is None:
+            return True
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        for thread in list(self._publishers):
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return not any(thread.is_alive() for thread in self._publishers)
+        while thread.is_alive():
+            with self._lock:
+                if self._next_chunks() == [] and self._spooled.is_set():
+                    return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            thread.join(0.05)
+        return True
+
+    # ------------------------------------------------------------------ the inputs checkpoint
+
+    def _spool(self) -> None:
+        """Render and checkpoint every row: the kernel's copy a publisher sends from (see the module docstring)."""
+        rows = self._rows
+        assert rows is not None
+        n = len(rows)
+        parts = max(1, -(-n // INPUT_PART_ROWS))
+        for part in range(parts):
+            start, stop = part * INPUT_PART_ROWS, min((part + 1) * INPUT_PART_ROWS, n)
+            rendered = rows.render(start, stop)
+            found = np.array([m is None for m in rendered.messages], dtype=bool) & ~rows.skipped[start:stop]
+            if found.any():
+                with self._lock:
+                    self._skip(np.flatnonzero(found) + start)
+            self.checkpoint.write_inputs(
+                part, range(start, stop), rendered.messages, rendered.reasons, rendered.custom_ids, rendered.overrides
+            )
+        self.checkpoint.mark_inputs_complete(parts)
+        self._rows = None  # the checkpoint is the copy now
+        self._spooled.set()
+
+    def _skip(self, positions: np.ndarray) -> None:
+        """Rows found unsendable while rendering (after the first part): not tasks, and not sent."""
+        if not len(positions):
+            return
+        for position in positions.tolist():
+            self._set(position, SKIPPED)
+        keep = ~np.isin(self.rounds[0].positions, positions)
+        round0 = self.rounds[0]
+        round0.positions = round0.positions[keep]
+        round0.spans = chunk_spans(len(round0.positions), self.size)
 
     # ------------------------------------------------------------------ state
 
     @property
+    def task_ids(self) -> list[str | None]:
+        """Each row's current task id (``None`` for a skipped row), in row order."""
+        with self._lock:
+            states_and_rounds = zip(self.status.tolist(), self.round_of.tolist(), strict=True)
+            return [
+                None if code == SKIPPED else row_id(self.batch_id, position, round_no)
+                for position, (code, round_no) in enumerate(states_and_rounds)
+            ]
+
+    @property
     def total(self) -> int:
-        """Tasks in the batch: rows that were sent (skipped rows are not tasks)."""
-        return len(self._sent)
+        """Tasks in the batch: rows that are sent (skipped rows are not tasks)."""
+        return len(self.index) - self.counts[SKIPPED]
 
     @property
     def finished(self) -> bool:
         """Every task is final, as of the last refresh."""
         with self._lock:
-            return all(self._is_final(p) for p in self._sent) and not self._recheck
+            return self._done() == self.total
 
-    def _is_final(self, position: int) -> bool:
-        return self._status(position).is_final
+    def _done(self) -> int:
+        return self.counts[SUCCESS] + self.counts[FAILURE] + self.counts[REVOKED]
 
-    def _status(self, position: int) -> TaskStatus:
-        result = self._results[position]
-        return TaskStatus.PENDING if result is None else result.status
+    def _set(self, position: int, code: int) -> None:
+        old = int(self.status[position])
+        if old != code:
+            self.counts[old] -= 1
+            self.counts[code] += 1
+            self.status[position] = code
+            if code in _FINAL:
+                self._wake.set()  # room in the window
 
     def refresh(self) -> BatchProgress:
-        """Read the unfinished tasks' states (one MGET per chunk) and summarise.
+        """Read what changed since the last refresh (new events, newly final rows) and summarise.
 
-        Only values that changed since the last refresh are decoded (see
-        :class:`~racto_nb.engine.results.ResultReader`), so a refresh of 10,000
-        waiting tasks costs a few MGETs and no JSON parsing.
+        While the backend does not answer, the progress says so (``note``) and
+        the next refresh tries again after a growing pause; when it answers
+        again having lost the batch, the unfinished rows are sent again.
         """
         with self._lock:
-            recheck = set(self._recheck)
-            if recheck and time.monotonic() >= self._recheck_until:
-                self._recheck.clear()  # this read is their last
-            positions = [p for p in self._sent if not self._is_final(p) or p in recheck]
-            task_ids = [self.task_ids[p] or "" for p in positions]
-            for position, result in zip(positions, self._reader.read(task_ids), strict=True):
-                result.index = position
-                result.custom_id = (self.payloads[position] or {}).get("custom_id")
-                self._results[position] = result
-            self._reader.forget([t for p, t in zip(positions, task_ids, strict=True) if self._is_final(p)])
+            if time.monotonic() >= self._backend_down_until:
+                try:
+                    self._read_changes()
+                    if self._outage:
+                        self._back_online()
+                except connection_errors() as exc:
+                    self._outage += 1
+                    pause = min(0.5 * 2 ** (self._outage - 1), 5.0)
+                    self._backend_down_until = time.monotonic() + pause
+                    self.note = (
+                        f"the result backend is not answering ({type(exc).__name__}); reconnecting "
+                        f"(attempt {self._outage}, next in {pause:.1f} s); the batch keeps its rows"
+                    )
             return self._progress()
 
+    def _read_changes(self) -> None:
+        stream = events_key(self.batch_id)
+        if self._cursor != "0":
+            first = self.store.first_id(stream)
+            if first is not None and _stream_id(first) > _stream_id(self._cursor):
+                self._rescan()  # the stream was trimmed past us: what we missed is read from the rows
+        entries = self.store.read(stream, self._cursor, EVENTS_PER_REFRESH)
+        for entry_id, entry in entries:
+            self._cursor = entry_id
+            for item in entry.split(","):
+                position_text, _, code = item.partition(":")
+                position = int(position_text)
+                new = _CODE_OF_EVENT.get(code)
+                if new is None or self.status[position] == SKIPPED:
+                    continue
+                if new in _FINAL or self.status[position] in _FINAL:
+                    self._to_confirm.add(position)  # a final state is read from the row itself
+                else:
+                    self._set(position, new)
+        self._confirm()
+        now = time.monotonic()
+        if now - self._last["orphans"] >= ORPHANS_EVERY_S:
+            self._last["orphans"] = now
+            self._check_orphans()
+        if now - self._last["vanished"] >= VANISHED_EVERY_S:
+            self._last["vanished"] = now
+            self._resend_vanished()
+        if now - self._last["manifest"] >= MANIFEST_EVERY_S:
+            self._last["manifest"] = now
+            if not self.store.exists(batch_key(self.batch_id)):
+                self._back_online()
+        if self._buffer and (len(self._buffer) >= FLUSH_ROWS or now - self._flushed_at >= FLUSH_EVERY_S):
+            self.flush()
+
+    def _confirm(self) -> None:
+        """Read the rows whose events said they moved to (or from) a final state, and record the truth."""
+        positions = sorted(self._to_confirm)[:CONFIRMS_PER_REFRESH]
+        if not positions:
+            return
+        self._to_confirm.difference_update(positions)
+        self._apply_metas(positions)
+
+    def _apply_metas(self, positions: Sequence[int]) -> None:
+        ids = [row_id(self.batch_id, p, int(self.round_of[p])) for p in positions]
+        for start in range(0, len(ids), CONFIRMS_PER_REFRESH):
+            part_ids = ids[start : start + CONFIRMS_PER_REFRESH]
+            raws = self.store.mget([meta_key(self.backend, task_id) for task_id in part_ids])
+            now = time.time()
+            for position, task_id, raw in zip(positions[start:], part_ids, raws, strict=False):
+                meta = None if raw is None else self.backend.decode_result(raw)
+                result = to_task_result(task_id, meta, now=now)
+                code = _CODE_OF_STATUS[result.status]
+                if code in _FINAL:
+                    self._record(position, result)
+                else:
+                    self._set(position, code)
+
+    def _rescan(self) -> None:
+        """Read every sent, unfinished row (after an attach, or when the event stream was trimmed past us)."""
+        sent = self._sent_positions()
+        open_ = [p for p in sent if self.status[p] not in _FINAL]
+        self._apply_metas(open_)
+
+    def _sent_positions(self) -> list[int]:
+        positions: list[int] = []
+        for round_ in self.rounds:
+            if round_.published:
+                stop = round_.spans[round_.published - 1][1]
+                positions.extend(int(p) for p in round_.positions[:stop] if self.round_of[p] == round_.number)
+        return positions
+
+    def _record(self, position: int, result: TaskResult) -> None:
+        """A final row: into the checkpoint buffer, and the counts."""
+        response = result.result if isinstance(result.result, dict) else {}
+        usage = response.get("usage") or {}
+        parsed = response.get("parsed")
+        self._buffer.append(
+            {
+                "position": position,
+                "round": int(self.round_of[position]),
+                "task_id": result.task_id,
+                "status": result.status.value,
+                "content": result.content,
+                "parsed": None if parsed is None else json.dumps(parsed),
+                "error": result.error,
+                "error_type": result.error_type,
+                "status_code": result.status_code,
+                "attempts": result.attempts,
+                "latency_s": result.latency_s,
+                "prompt_tokens": usage.get("prompt_tokens"),
+                "completion_tokens": usage.get("completion_tokens"),
+                "total_tokens": usage.get("total_tokens"),
+                "custom_id": result.custom_id,
+                "deliveries": result.deliveries,
+            }
+        )
+        self._set(position, _CODE_OF_STATUS[result.status])
+
+    def flush(self) -> None:
+        """Write the final rows collected so far to the checkpoint; their backend keys then expire soon."""
+        with self._lock:
+            rows, self._buffer = self._buffer, []
+            self._flushed_at = time.monotonic()
+        if not rows:
+            return
+        self.checkpoint.append_results(rows)
+        try:
+            with self.store.batch() as batch:
+                for row in rows:
+                    if row["task_id"]:
+                        batch.expire(meta_key(self.backend, row["task_id"]), COLLECTED_TTL_S)
+        except connection_errors():
+            pass  # they expire with result_expires anyway
+
+    # ------------------------------------------------------------------ recovery
+
+    def _check_orphans(self) -> None:
+        """Rows STARTED by a worker without a heartbeat: shown as waiting to run again."""
+        if not self._workers.applies:
+            return
+        running = np.flatnonzero(self.status == STARTED)[:5_000].tolist()
+        if not running:
+            self._orphans = 0
+            return
+        ids = [row_id(self.batch_id, p, int(self.round_of[p])) for p in running]
+        raws = self.store.mget([meta_key(self.backend, task_id) for task_id in ids])
+        hosts: dict[int, str] = {}
+        for position, raw in zip(running, raws, strict=True):
+            meta = None if raw is None else self.backend.decode_result(raw)
+            value = (meta or {}).get("result")
+            if (meta or {}).get("status") == states.STARTED and isinstance(value, dict) and value.get("hostname"):
+                hosts[position] = str(value["hostname"])
+        alive = self._workers.alive(list(hosts.values()))
+        lost = [p for p, host in hosts.items() if host not in alive]
+        for position in lost:
+            self._set(position, RETRY)
+        self._orphans = len(lost)
+
+    def _resend_vanished(self) -> None:
+        """Send again, with the same id, chunks that left no trace (see :mod:`racto_nb.engine.recovery`)."""
+        now = time.monotonic()
+        candidates: dict[str, tuple[_Round, int]] = {}
+        for round_ in self.rounds:
+            latest_taken = -1
+            for chunk in range(round_.published):
+                if self._touched(round_, chunk):
+                    latest_taken = chunk
+            for chunk in range(latest_taken):
+                if now - round_.sent_at.get(chunk, now) >= VANISHED_AFTER_S and self._untouched(round_, chunk):
+                    candidates[chunk_task_id(self.batch_id, round_.number, chunk)] = (round_, chunk)
+        if not candidates:
+            return
+        lost = find_vanished(self.worker.app, self.store, list(candidates))
+        if lost:
+            self.note = f"{len(lost)} chunks of rows left no trace (a worker died taking them); sent again"
+            self._queue_resend([candidates[c] for c in lost])
+
+    def _rows_of(self, round_: _Round, chunk: int) -> npt.NDArray[np.int64]:
+        positions = round_.positions[slice(*round_.spans[chunk])]
+        mine: npt.NDArray[np.int64] = positions[self.round_of[positions] == round_.number]
+        return mine
+
+    def _touched(self, round_: _Round, chunk: int) -> bool:
+        return bool((self.status[self._rows_of(round_, chunk)] != PENDING).any())
+
+    def _untouched(self, round_: _Round, chunk: int) -> bool:
+        rows = self._rows_of(round_, chunk)
+        return bool(len(rows)) and bool((self.status[rows] == PENDING).all())
+
+    def _back_online(self) -> None:
+        """The backend answers again: if it lost the batch (no persistence), save the manifest and resend."""
+        self._outage = 0
+        self._backend_down_until = 0.0
+        self.note = None
+        if not self.store.exists(batch_key(self.batch_id)):
+            self.save_manifest()
+            self._resend_unfinished("the result backend came back without this batch's data")
+
+    def _resend_unfinished(self, why: str) -> None:
+        """Every sent chunk with a row not final goes out again; published marks are written anew."""
+        self._cursor = "0"
+        chunks = []
+        for round_ in self.rounds:
+            for chunk in range(round_.published):
+                rows = self._rows_of(round_, chunk)
+                if len(rows) and not np.isin(self.status[rows], _FINAL).all():
+                    chunks.append((round_, chunk))
+                    for position in rows.tolist():
+                        if self.status[position] not in _FINAL:
+                            self._set(position, PENDING)
+        self.note = f"{why}: {len(chunks)} chunks of unfinished rows sent again"
+        self._queue_resend(chunks)
+
+    def _queue_resend(self, chunks: list[tuple[_Round, int]]) -> None:
+        """Hand chunks to send again to the publisher thread (never from a refresh: it must stay quick)."""
+        for start in range(0, len(chunks), PUBLISH_GROUP):
+            self._resend.append(chunks[start : start + PUBLISH_GROUP])
+        self._start_publisher(background=True)
+
+    # ------------------------------------------------------------------ progress and waiting
+
     def _progress(self) -> BatchProgress:
-        counts = dict.fromkeys(TaskStatus, 0)
-        for position in self._sent:
-            result = self._results[position]
-            counts[result.status if result is not None else TaskStatus.PENDING] += 1
-        total = len(self._sent)
-        done = sum(n for status, n in counts.items() if status.is_final)
-        finished = done == total and not self._recheck
+        counts = {status: self.counts[code] for code, status in _STATUS_OF_CODE.items()}
+        total = self.total
+        done = self._done()
+        finished = done == total
         now = time.time()
         if finished and self._finished_at is None:
             self._finished_at = now
@@ -356,6 +863,10 @@ class Batch:
         elapsed = max(0.0, end - self.created_at)
         rate = done / elapsed if elapsed > 0 and done else None
         eta = (total - done) / rate if rate else None
+        note = self.note
+        if self._orphans:
+            lost = f"{self._orphans} rows: their worker stopped answering; they run again on a live worker"
+            note = f"{note}; {lost}" if note else lost
         return BatchProgress(
             batch_id=self.batch_id,
             total=total,
@@ -365,7 +876,8 @@ class Batch:
             eta_s=eta,
             finished=finished,
             cancelled=self.cancelled,
-            submitted=min(self._submitted, total),
+            submitted=min(self._published_rows(), total),
+            note=note,
         )
 
     def wait(
@@ -380,7 +892,7 @@ class Batch:
 
         The shared poll loop (:func:`~racto_nb.engine.polling.poll`) paces the
         refreshes: at most every ``interval_s``, and never more often than three
-        times the cost of one, so following a huge batch never eats the kernel's CPU.
+        times the cost of one.
         """
 
         def look() -> BatchProgress:
@@ -390,142 +902,201 @@ class Batch:
             return progress
 
         progress, _ = poll(look, lambda p: p.finished, timeout_s=timeout_s, stop=stop, max_pause_s=interval_s)
+        if progress.finished:
+            self.flush()
         return progress
 
-    def results(self) -> list[TaskResult]:
-        """One ``TaskResult`` per row, in row order, as of the last refresh.
-
-        Skipped rows are ``FAILURE`` with ``error_type="NotSent"`` here and
-        ``skipped`` in :meth:`to_frame`.
-        """
-        with self._lock:
-            return [
-                (
-                    r.model_copy()
-                    if r is not None
-                    else TaskResult(task_id=t or "", status=TaskStatus.PENDING, index=i)
-                )
-                for i, (r, t) in enumerate(zip(self._results, self.task_ids, strict=True))
-            ]
+    # ------------------------------------------------------------------ results
 
     def to_frame(self) -> pd.DataFrame:
         """The results as a DataFrame indexed like the source, one row per row.
 
+        Final rows come from the checkpoint; the others say what they are now.
         ``frame.attrs["racto_batch_id"]`` names the batch, so a frame is enough to reattach.
         """
-        frame = results_frame(self.results(), self.index)
+        self.flush()
+        with self._lock:
+            status = self.status.copy()
+            rounds = self.round_of.copy()
+        n = len(status)
+        table = self.checkpoint.results()
+        done = table.to_pandas(types_mapper=_types).drop_duplicates("position", keep="last").set_index("position")
+        done = done[done["round"].to_numpy() == rounds[done.index.to_numpy()]] if len(done) else done
+        frame = done.reindex(pd.RangeIndex(n))
+        frame = frame[FRAME_COLUMNS].copy()
+        open_ = np.flatnonzero(~np.isin(status, (*_FINAL, SKIPPED)))
+        open_ = open_[~np.isin(open_, done.index.to_numpy())] if len(done) else open_
+        if len(open_):
+            frame.loc[open_, "status"] = [_STATUS_OF_CODE[int(c)].value for c in status[open_]]
+            frame.loc[open_, "task_id"] = [row_id(self.batch_id, int(p), int(rounds[p])) for p in open_]
+            frame.loc[open_, "attempts"] = 0
+        skipped = np.flatnonzero(status == SKIPPED)
+        if len(skipped):
+            reasons = self.checkpoint.reasons() if self.checkpoint.inputs_complete() else None
+            frame.loc[skipped, "status"] = SKIPPED_STATUS
+            frame.loc[skipped, "error_type"] = SKIPPED_ERROR_TYPE
+            frame.loc[skipped, "attempts"] = 0
+            frame.loc[skipped, "error"] = (
+                [reasons[int(p)].as_py() for p in skipped] if reasons is not None else "row not sent"
+            )
+        frame["parsed"] = [None if v is None or v is pd.NA else json.loads(v) for v in frame["parsed"].tolist()]
+        for column in ("status_code", "prompt_tokens", "completion_tokens", "total_tokens", "deliveries"):
+            frame[column] = frame[column].astype("Int64")
+        frame["attempts"] = frame["attempts"].fillna(0).astype("int64")
+        frame["latency_s"] = frame["latency_s"].astype("float64")
+        frame.index = self.index
         frame.attrs["racto_batch_id"] = self.batch_id
         return frame
+
+    def results(self) -> list[TaskResult]:
+        """One ``TaskResult`` per row, in row order (skipped rows: FAILURE ``NotSent``)."""
+        frame = self.to_frame()
+        out = []
+        for position, row in enumerate(frame.itertuples(index=False)):
+            status = row.status
+            skipped = status == SKIPPED_STATUS
+            out.append(
+                TaskResult(
+                    task_id=row.task_id or "",
+                    status=TaskStatus.FAILURE if skipped else TaskStatus(status),
+                    error=_value(row.error),
+                    error_type=_value(row.error_type),
+                    attempts=int(row.attempts),
+                    custom_id=_value(row.custom_id),
+                    index=position,
+                    result={"content": _value(row.content), "parsed": row.parsed} if status == "success" else None,
+                )
+            )
+        return out
 
     # ------------------------------------------------------------------ control
 
     def cancel(self) -> int:
-        """Stop what has not started: returns how many tasks are now revoked.
+        """Stop what has not started: returns how many rows are now revoked.
 
-        A flag in the result backend tells every task of this batch not to
-        start (it scales past Celery's in-memory revoke list and reaches tasks
-        waiting in a retry countdown); the publisher stops; waiting tasks are
-        marked REVOKED now so the view shows it at once. Running calls finish:
-        the threads pool cannot interrupt them.
+        A flag in the backend tells every chunk of this batch not to start
+        another row (it scales past Celery's in-memory revoke list and reaches
+        rows waiting in a retry countdown); the publisher stops; rows never
+        sent are revoked here, and rows sent but not started are marked
+        REVOKED now so the view shows it at once. Running calls finish: the
+        threads pool cannot interrupt them.
         """
-        backend = _kv_backend(self.worker)
-        self.refresh()
+        flags = [cancel_key(self.batch_id)] + [cancel_key(f"{self.batch_id}:{r.number}") for r in self.rounds]
+
+        def set_flags() -> None:
+            with self.store.batch() as batch:
+                for flag in flags:
+                    batch.set(flag, "1", ttl_s=float(self.backend.expires) if self.backend.expires else None)
+
+        retrying(set_flags, budget_s=self.publish_budget_s)
         with self._lock:
-            before = {p for p in self._sent if self._status(p) is TaskStatus.REVOKED}
-        for group in self.groups:
-            backend.set(cancel_key(group), "1")
-        self.cancelled = True
+            self.cancelled = True
         self._stop_publishing.set()
-        self.join_publisher(timeout_s=30.0)
-        time.sleep(CANCEL_GRACE_S)
+        thread = self._publisher
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(30.0)
         with self._lock:
-            self.refresh()
-            waiting = [p for p in self._sent if self._status(p) in (TaskStatus.PENDING, TaskStatus.RETRY)]
-            mark_revoked(backend, [self.task_ids[p] or "" for p in waiting], reason="batch cancelled")
-            self._recheck.update(waiting)
-            self._recheck_until = time.monotonic() + RECHECK_S
-            self.refresh()
-            # Counted from the backend: a worker that met the flag first marked its task itself.
-            return sum(1 for p in self._sent if self._status(p) is TaskStatus.REVOKED and p not in before)
+            revoked = self._revoke_unsent() + self._revoke_waiting()
+        self.refresh()
+        return revoked
+
+    def _revoke_unsent(self) -> int:
+        count = 0
+        for round_ in self.rounds:
+            for chunk in range(round_.published, len(round_.spans)):
+                for position in self._rows_of(round_, chunk).tolist():
+                    if self.status[position] not in _FINAL:
+                        self._record(position, TaskResult(
+                            task_id=row_id(self.batch_id, position, round_.number),
+                            status=TaskStatus.REVOKED,
+                            error="batch cancelled before this row was sent",
+                            error_type="TaskRevokedError",
+                            index=position,
+                        ))
+                        count += 1
+            round_.published = len(round_.spans)
+        return count
+
+    def _revoke_waiting(self) -> int:
+        """Mark REVOKED (only where nothing is stored yet) the sent rows no worker has started."""
+        waiting = [p for p in self._sent_positions() if self.status[p] == PENDING]
+        if not waiting:
+            return 0
+        revoked = TaskRevokedError("batch cancelled")
+        ids = [row_id(self.batch_id, p, int(self.round_of[p])) for p in waiting]
+        marked = 0
+        for start in range(0, len(ids), CONFIRMS_PER_REFRESH):
+            stop = start + CONFIRMS_PER_REFRESH
+            part = list(zip(waiting[start:stop], ids[start:stop], strict=True))
+            with self.store.batch() as batch:
+                for _, task_id in part:
+                    value = encode_meta(self.backend, task_id, states.REVOKED, revoked)
+                    batch.set(meta_key(self.backend, task_id), value, only_new=True)
+            results = self._results_of([task_id for _, task_id in part])
+            for (position, _), result in zip(part, results, strict=True):
+                if result.status is TaskStatus.REVOKED:
+                    self._record(position, result)
+                    marked += 1
+        return marked
+
+    def _results_of(self, ids: list[str]) -> list[TaskResult]:
+        raws = self.store.mget([meta_key(self.backend, task_id) for task_id in ids])
+        decode = self.backend.decode_result
+        return [to_task_result(t, None if r is None else decode(r)) for t, r in zip(ids, raws, strict=True)]
 
     def retry_failed(self, *, background: bool = True) -> int:
-        """Resubmit the rows that failed as new tasks in this same batch.
+        """Send the rows that failed again, as a new round of this same batch; returns how many.
 
-        Skipped rows and revoked rows stay as they are. The new tasks form a
-        new publishing round (group) so the cancel flag of an earlier round
-        keeps its revoked tasks from ever starting. Returns how many rows were
-        resubmitted.
+        Skipped and revoked rows stay as they are. The new round has its own
+        task ids and cancel flag, so a cancel of an earlier round keeps its
+        revoked rows from ever starting.
         """
         with self._lock:
-            positions = [p for p in self._sent if self._status(p) is TaskStatus.FAILURE]
-            if not positions:
+            positions = np.flatnonzero(self.status == FAILURE)
+            if not len(positions):
                 return 0
-            self._recheck.difference_update(positions)
-            for position in positions:
-                self.task_ids[position] = uuid()
-                self._results[position] = None
-            group_id = f"{self.batch_id}.r{len(self.groups)}"
-            self.groups.append(group_id)
+            number = len(self.rounds)
+            self.checkpoint.write_round(number, positions.tolist())
+            self.round_of[positions] = number
+            for position in positions.tolist():
+                self._set(position, PENDING)
+            self.rounds.append(_Round(number, positions.astype(np.int64), chunk_spans(len(positions), self.size)))
+            self.manifest["rounds"] = number + 1
             self.cancelled = False
             self._finished_at = None
-            self._submitted -= len(positions)
-            self._stop_publishing.clear()
-        self.save()
-        self._publish(positions, group_id=group_id, background=background)
+            self.publish_error = None
+        self.save_manifest()
+        self._start_publisher(background=background)
         return len(positions)
-
-
-def results_frame(results: Sequence[TaskResult], index: pd.Index) -> pd.DataFrame:
-    """DataFrame of ``TaskResult`` rows (see ``FRAME_COLUMNS``) on ``index``."""
-    rows = []
-    for result in results:
-        response = result.result if isinstance(result.result, dict) else {}
-        usage = response.get("usage") or {}
-        skipped = not result.task_id and result.error_type == SKIPPED_ERROR_TYPE
-        rows.append(
-            {
-                "task_id": result.task_id or None,
-                "status": SKIPPED_STATUS if skipped else result.status.value,
-                "content": result.content,
-                "parsed": response.get("parsed"),
-                "error": result.error,
-                "error_type": result.error_type,
-                "status_code": result.status_code,
-                "attempts": result.attempts,
-                "latency_s": result.latency_s,
-                "prompt_tokens": usage.get("prompt_tokens"),
-                "completion_tokens": usage.get("completion_tokens"),
-                "total_tokens": usage.get("total_tokens"),
-                "custom_id": result.custom_id,
-            }
-        )
-    frame = pd.DataFrame(rows, columns=FRAME_COLUMNS, index=index)
-    for column in ("status_code", "prompt_tokens", "completion_tokens", "total_tokens"):
-        frame[column] = frame[column].astype("Int64")
-    frame["latency_s"] = frame["latency_s"].astype("float64")
-    return frame
 
 
 def _require_storable(index: pd.Index) -> None:
     """Refuse, before anything is sent, an index that would come back different on attach."""
-    stored = index_from_json(json.loads(json.dumps(index_to_json(index))))
-    same_types = [a.dtype for a in _levels(stored)] == [b.dtype for b in _levels(index)]
-    if not (same_types and stored.equals(index)):
-        raise InvalidArgument(
-            f"this index ({type(index).__name__}, dtype {index.dtype}) cannot be stored for reattaching "
-            "unchanged; use df.reset_index() (keeping it as a column) before sending the rows"
+    levels = [index.get_level_values(level) for level in range(index.nlevels)]
+    for level in levels:
+        kind = level.dtype
+        unsure = isinstance(kind, (pd.IntervalDtype, pd.PeriodDtype)) or (
+            kind == np.dtype(object)
+            and len(level) > 0
+            and not all(isinstance(v, (str, int, float, bool)) for v in level[:1000])
         )
+        if unsure:
+            raise InvalidArgument(
+                f"this index ({type(index).__name__}, dtype {index.dtype}) cannot be stored for reattaching "
+                "unchanged; use df.reset_index() (keeping it as a column) before sending the rows"
+            )
 
 
-def _levels(index: pd.Index) -> list[pd.Index]:
-    return [index.get_level_values(level) for level in range(index.nlevels)]
+def _types(arrow_type: pa.DataType) -> Any:
+    return pd.StringDtype() if pa.types.is_string(arrow_type) else None
 
 
-def _kv_backend(worker: RactoCeleryWorker) -> BaseKeyValueStoreBackend:
-    backend = worker.app.backend
-    if not isinstance(backend, BaseKeyValueStoreBackend):
-        raise Unsupported(
-            f"batches need a key-value result backend (Redis, or the embedded in-process backend); "
-            f"this app uses {type(backend).__name__}: set the app's result_backend to a redis:// URL"
-        )
-    return backend
+def _value(value: Any) -> Any:
+    return None if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)) else value
+
+
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (``<ms>-<seq>``) as a comparable pair."""
+    head, _, tail = entry_id.partition("-")
+    return int(head or 0), int(tail or 0)
+

@@ -30,7 +30,7 @@ from celery.backends.base import KeyValueStoreBackend
 from kombu.transport import memory, virtual
 from kombu.utils.encoding import ensure_bytes as _ensure_bytes
 
-__all__ = ["Channel", "InProcessBackend", "Transport", "interrupt_consumers"]
+__all__ = ["Channel", "InProcessBackend", "SharedResults", "Transport", "interrupt_consumers"]
 
 #: Safety-net poll while nothing is signalled (the wake-ups do the real work).
 FALLBACK_POLL_S = 0.5
@@ -131,10 +131,13 @@ def ensure_bytes(key: Any) -> bytes:
     return key if isinstance(key, bytes) else bytes(_ensure_bytes(key))  # type: ignore[no-untyped-call]
 
 
-class _Store:
+class SharedResults:
+    """One app's in-process results: the dict, its lock, and what is built on them (the racto store)."""
+
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.data: dict[bytes, Any] = {}
+        self.extras: dict[str, Any] = {}
 
 
 class InProcessBackend(KeyValueStoreBackend):  # type: ignore[misc]
@@ -151,27 +154,28 @@ class InProcessBackend(KeyValueStoreBackend):  # type: ignore[misc]
 
     def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(app, *args, **kwargs)
-        self._store: _Store = app.__dict__.setdefault("_racto_in_process_results", _Store())
+        #: Shared by every backend object of this app (see :class:`SharedResults`).
+        self.shared: SharedResults = app.__dict__.setdefault("_racto_in_process_results", SharedResults())
 
     def get(self, key: Any) -> Any:
-        return self._store.data.get(ensure_bytes(key))
+        return self.shared.data.get(ensure_bytes(key))
 
     def mget(self, keys: Any) -> list[Any]:
-        data = self._store.data
+        data = self.shared.data
         return [data.get(ensure_bytes(key)) for key in keys]
 
     def set(self, key: Any, value: Any) -> None:
-        with self._store.lock:
-            self._store.data[ensure_bytes(key)] = value
+        with self.shared.lock:
+            self.shared.data[ensure_bytes(key)] = value
 
     def delete(self, key: Any) -> None:
-        with self._store.lock:
-            self._store.data.pop(ensure_bytes(key), None)
+        with self.shared.lock:
+            self.shared.data.pop(ensure_bytes(key), None)
 
     def incr(self, key: Any) -> int:
-        with self._store.lock:
-            value = int(self._store.data.get(ensure_bytes(key)) or 0) + 1
-            self._store.data[ensure_bytes(key)] = value
+        with self.shared.lock:
+            value = int(self.shared.data.get(ensure_bytes(key)) or 0) + 1
+            self.shared.data[ensure_bytes(key)] = value
             return value
 
     def expire(self, key: Any, value: Any) -> None:

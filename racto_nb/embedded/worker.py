@@ -11,6 +11,8 @@ retry countdowns and the result states, which is exactly what must be real.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 import socket
@@ -25,6 +27,8 @@ from celery.worker import state as worker_state
 
 from racto_nb.config import DEFAULT_EMBEDDED_CONCURRENCY
 from racto_nb.embedded.transport import Channel, interrupt_consumers
+from racto_nb.engine.results import encode_meta, meta_key
+from racto_nb.engine.store import store_for
 from racto_nb.errors import EmbeddedError, InvalidArgument, TaskFailed
 
 __all__ = ["EmbeddedWorker"]
@@ -134,18 +138,21 @@ class EmbeddedWorker:
         self._previous_default = None
 
     def _fail_queued(self) -> None:
+        """Fail every row of every chunk still queued: they can never run once this worker is gone."""
         queue = Channel.queues.pop(str(self.app.conf.task_default_queue), None)
         if queue is None:
             return
         failure = TaskFailed(
-            "the embedded worker stopped before running this task; connect() again and retry the failed rows",
+            "the embedded worker stopped before running this row; connect() again and retry the failed rows",
             "EmbeddedStopped",
         )
-        while not queue.empty():
-            message = queue.get_nowait()
-            task_id = (message.get("headers") or {}).get("id") if isinstance(message, dict) else None
-            if task_id:
-                self.app.backend.store_result(task_id, failure, "FAILURE")
+        backend = self.app.backend
+        store = store_for(backend)
+        with store.batch() as batch:
+            while not queue.empty():
+                for task_id in _row_ids(queue.get_nowait()):
+                    value = encode_meta(backend, task_id, "FAILURE", failure)
+                    batch.set(meta_key(backend, task_id), value)
 
     def _quiet_task_logs(self) -> None:
         # A failed row is reported in its TaskResult; Celery's ERROR line for it
@@ -159,3 +166,19 @@ class EmbeddedWorker:
         if self._quieted is not None:
             logging.getLogger(_QUIET_LOGGER).setLevel(self._quieted)
             self._quieted = None
+
+
+def _row_ids(message: Any) -> list[str]:
+    """The row task ids in one queued message of the in-process transport (a chunk of rows)."""
+    if not isinstance(message, dict):
+        return []
+    body = message.get("body")
+    if not isinstance(body, (str, bytes)):
+        return []
+    if (message.get("properties") or {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    try:
+        args = json.loads(body)[0]
+        return [str(row["id"]) for row in args[0]["rows"]]
+    except (ValueError, TypeError, KeyError, IndexError):
+        return []

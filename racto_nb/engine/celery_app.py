@@ -14,7 +14,9 @@ from typing import Any
 from celery import Celery
 
 from racto_nb.config import (
+    ANSWER_TIMEOUT_S,
     CONNECT_TIMEOUT_S,
+    DEFAULT_WORKER_CONCURRENCY,
     RESULT_EXPIRES_S,
     ConfigError,
     RactoConfig,
@@ -48,9 +50,10 @@ def build_celery(cfg: RactoConfig, *, broker_url: str | None = None, result_back
         backend = result_backend or cfg.result_backend or _default_backend(broker)
     # Not "current": building racto_nb's app must not change which app a notebook's own Celery code uses.
     app = Celery("racto_nb", broker=EMBEDDED_BROKER_URL if embedded else broker, backend=backend, set_as_current=False)
-    transport_options: dict[str, Any] = {"visibility_timeout": cfg.visibility_timeout_s}
+    transport_options: dict[str, Any] = {}
     if broker is not None and broker.startswith(("redis", "rediss", "sentinel")):
-        transport_options.update(socket_connect_timeout=CONNECT_TIMEOUT_S)
+        # A refusing broker fails in CONNECT_TIMEOUT_S, a silent one in ANSWER_TIMEOUT_S.
+        transport_options.update(socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=ANSWER_TIMEOUT_S)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -58,12 +61,18 @@ def build_celery(cfg: RactoConfig, *, broker_url: str | None = None, result_back
         result_accept_content=["json"],
         # One message per free thread: a slow row never holds others hostage in a prefetch buffer.
         worker_prefetch_multiplier=1,
+        # `celery -A racto_nb.app worker` with no flags is fit for I/O: LLM calls wait on the network,
+        # so a thread each, many per process (--pool / -c still override).
+        worker_pool="threads",
+        worker_concurrency=DEFAULT_WORKER_CONCURRENCY,
         broker_transport_options=transport_options,
-        result_backend_transport_options={"visibility_timeout": cfg.visibility_timeout_s},
         result_expires=RESULT_EXPIRES_S,
         broker_connection_timeout=CONNECT_TIMEOUT_S,
         broker_connection_retry_on_startup=True,
         redis_socket_connect_timeout=CONNECT_TIMEOUT_S,
+        redis_socket_timeout=ANSWER_TIMEOUT_S,
+        # Each fleet (RACTO_WORKER_NAME) its own queue: two fleets on one broker never take each other's tasks.
+        task_default_queue=f"racto_nb.{cfg.worker_name}",
         # Publishing to a dead broker gives up after about a second instead of retrying on.
         task_publish_retry_policy={
             "max_retries": 2,

@@ -24,17 +24,21 @@ def publish_many(
     task_ids: Sequence[str],
     *,
     group_id: str | None = None,
+    queue: str | None = None,
     chunk_size: int = 500,
 ) -> None:
     """Publish ``task(*args)`` for every tuple of ``arg_tuples``, with the matching task id.
 
-    Messages go out in pipelined chunks of ``chunk_size``; a caller that wants
-    progress publishes in chunks itself (see ``Batch``).
+    Messages go out in pipelined chunks of ``chunk_size``, to ``queue`` when
+    given (else where the app routes the task).
     """
     if len(arg_tuples) != len(task_ids):
         raise ValueError("arg_tuples and task_ids must have the same length")
     amqp = app.amqp
-    options = amqp.router.route(dict(task._get_exec_options()), task.name, None, None, task)
+    wanted = dict(task._get_exec_options())
+    if queue is not None:
+        wanted["queue"] = queue
+    options = amqp.router.route(wanted, task.name, None, None, task)
     options = {k: v for k, v in options.items() if v is not None}
     total = len(task_ids)
     with app.producer_or_acquire() as producer:

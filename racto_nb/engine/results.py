@@ -1,13 +1,23 @@
-"""Read task states from the result backend, many at a time, without subscribing.
+"""What a row stores in the result backend, and reading it back many rows at a time.
 
-One look at N tasks is ``ceil(N / chunk)`` MGETs on a key-value backend
-(Redis, memcached, the in-process store), not N round trips
+Each row is stored under Celery's own key for its task id, as Celery's own
+meta (``status``, ``result``, ``date_done``...), so ``AsyncResult(row_id)``
+reads it too. What racto_nb puts in ``result``, and why:
+
+* STARTED: ``{"attempt", "deliveries", "hostname"}``, written before the call,
+  so a row whose worker died is told apart from a fresh one and its
+  redelivery stays bounded.
+* RETRY: a ``RetryScheduled`` error (type, HTTP status, attempt, the time of
+  the next try), which a progress line shows as "retry 1 of 3, next try in 4 s".
+* FAILURE: a ``TaskFailed`` error (type, HTTP status, attempts).
+* SUCCESS: an envelope ``{"output", "attempts", "latency_s", "custom_id",
+  "index", "deliveries", "worker"}``; ``TaskResult.result`` is its ``output``.
+
+Reading: one look at N rows is ``ceil(N / chunk)`` MGETs, not N round trips
 (``GroupResult.completed_count``) and not N pub/sub subscriptions
-(``AsyncResult.get``). Backends without MGET fall back to one read per task.
-
-:func:`mget` is the one chunked MGET in racto_nb; :class:`ResultReader` adds
-the rule every follower of many tasks needs: decode only the values that
-changed since the last look.
+(``AsyncResult.get``). :func:`mget` is the one chunked MGET in racto_nb;
+:class:`ResultReader` adds the rule every follower of many rows needs: decode
+only the values that changed since the last look.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from celery import states as celery_states
 from celery.backends.base import BaseKeyValueStoreBackend
 
 from racto_nb.errors import RetryScheduled, TaskFailed
@@ -24,11 +35,11 @@ from racto_nb.models import TaskResult, TaskStatus
 __all__ = [
     "MGET_CHUNK",
     "ResultReader",
-    "cancel_key",
     "describe",
-    "manifest_key",
+    "encode_meta",
+    "envelope",
+    "meta_key",
     "mget",
-    "read_before_start",
     "read_results",
     "to_task_result",
 ]
@@ -49,14 +60,47 @@ _STATES = {
 }
 
 
-def manifest_key(batch_id: str) -> str:
-    """Backend key of a batch's manifest (task ids, payloads, source index)."""
-    return f"racto-nb-batch-{batch_id}"
+def meta_key(backend: Any, task_id: str) -> str:
+    """The key Celery stores ``task_id``'s state under (``celery-task-meta-<id>``)."""
+    key = backend.get_key_for_task(task_id)
+    return key.decode() if isinstance(key, bytes) else str(key)
 
 
-def cancel_key(batch_id: str) -> str:
-    """Backend key whose presence tells a batch's tasks not to start."""
-    return f"racto-nb-cancel-{batch_id}"
+def encode_meta(backend: Any, task_id: str, state: str, result: Any) -> str:
+    """``result`` in ``state`` as Celery itself would store it for ``task_id`` (exceptions included)."""
+    done = state in celery_states.READY_STATES
+    meta = {
+        "status": state,
+        "result": backend.encode_result(result, state),
+        "traceback": None,
+        "children": [],
+        "date_done": backend.app.now().isoformat() if done else None,
+        "task_id": task_id,
+    }
+    encoded: str = backend.encode(meta)
+    return encoded
+
+
+def envelope(
+    output: Any,
+    *,
+    attempts: int,
+    latency_s: float | None,
+    custom_id: str | None,
+    index: int | None,
+    deliveries: int,
+    worker: str | None,
+) -> dict[str, Any]:
+    """What a SUCCESS row stores (see the module docstring)."""
+    return {
+        "output": output,
+        "attempts": attempts,
+        "latency_s": latency_s,
+        "custom_id": custom_id,
+        "index": index,
+        "deliveries": deliveries,
+        "worker": worker,
+    }
 
 
 def mget(backend: BaseKeyValueStoreBackend, keys: Sequence[Any], chunk: int = MGET_CHUNK) -> list[Any]:
@@ -72,15 +116,6 @@ def mget(backend: BaseKeyValueStoreBackend, keys: Sequence[Any], chunk: int = MG
             got = [got.get(key) for key in part]
         values.extend(got)
     return values
-
-
-def read_before_start(backend: Any, task_id: str, batch_id: str | None) -> tuple[dict[str, Any], bool]:
-    """A task's stored meta and whether its batch was cancelled, in one round trip."""
-    if not isinstance(backend, BaseKeyValueStoreBackend) or not batch_id:
-        return backend.get_task_meta(task_id), False
-    raw, cancelled = mget(backend, [backend.get_key_for_task(task_id), cancel_key(batch_id)])
-    meta = backend.decode_result(raw) if raw is not None else {"status": "PENDING"}
-    return meta, cancelled is not None
 
 
 def read_results(app: Any, task_ids: Sequence[str]) -> list[TaskResult]:
@@ -149,7 +184,11 @@ def to_task_result(task_id: str, meta: dict[str, Any] | None, *, now: float | No
     if status is TaskStatus.SUCCESS:
         fields = _from_envelope(value)
     elif status is TaskStatus.STARTED and isinstance(value, dict):
-        fields = {"attempts": int(value.get("attempt", 1))}
+        fields = {
+            "attempts": int(value.get("attempt", 1)),
+            "deliveries": value.get("deliveries"),
+            "worker": value.get("hostname"),
+        }
     elif isinstance(value, BaseException):
         fields = describe(value)
         if isinstance(value, TaskFailed):
@@ -168,5 +207,7 @@ def _from_envelope(value: Any) -> dict[str, Any]:
             "latency_s": value.get("latency_s"),
             "custom_id": value.get("custom_id"),
             "index": value.get("index"),
+            "deliveries": value.get("deliveries"),
+            "worker": value.get("worker"),
         }
     return {"result": value, "attempts": 1}

@@ -1,43 +1,50 @@
-"""``RactoCeleryWorker``: the seed's API over Celery, with honest retries.
+"""``RactoCeleryWorker``: the seed's API over Celery, with honest retries and nothing lost.
 
 Kits and RAG objects are captured by closure, exactly as in the RactoGateway
 docs: the module that builds the worker must be imported by the ``celery
-worker`` process too. What crosses the broker is JSON only (the prompt and its
-parameters), never a kit, a key or a provider object.
+worker`` process too. What crosses the broker is JSON only (the prompts and
+their parameters), never a kit, a key or a provider object.
 
-What a task stores in the result backend, and why:
+Every call the seed API makes is a *row*: its own task id, its own result in
+the backend (a Celery meta, so ``AsyncResult(row_id)`` reads it), its own
+retries. Rows travel in *chunks* (:mod:`racto_nb.engine.chunks`), one Celery
+task ``racto_nb.<name>.rows`` per chunk, which :mod:`racto_nb.engine.runner`
+runs on the worker. ``generate`` is a chunk of one row; ``parallel_batch``
+sends as many rows per message as its size calls for.
 
-* STARTED, written by the task itself with the attempt number and how many
-  times this attempt was delivered, so a task whose worker died can be told
-  apart from a fresh one and redelivery stays bounded.
-* RETRY with a ``RetryScheduled`` error: type, HTTP status, attempt and the
-  time of the next try, which a progress line shows as "retry 1 of 3, next
-  try in 4 s".
-* FAILURE with a ``TaskFailed`` error: type, HTTP status, attempts.
-* SUCCESS with an envelope ``{"output", "attempts", "latency_s", "custom_id",
-  "index"}``; ``TaskResult.result`` is its ``output`` (the response dict).
+Each name has its own queue (``racto_nb.<name>`` unless ``queue=`` says
+otherwise), and a ``celery worker`` that imports the module consumes the
+queues of every ``RactoCeleryWorker`` it defines, so two fleets on one broker
+never take each other's tasks.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from celery import Celery, Task
-from celery.exceptions import Ignore
+from celery import Celery, Task, signals
 from celery.result import AsyncResult, GroupResult
 from celery.utils import uuid
 from vine import barrier
 
-from racto_nb.config import DEFAULT_VISIBILITY_TIMEOUT_S, check_retry_fits_visibility, check_worker_name
-from racto_nb.engine.classify import classify
+from racto_nb.config import DEFAULT_STALE_AFTER_S, check_worker_name, mask_url
+from racto_nb.engine.chunks import PAYLOAD_VERSION, ChunkPayload, RowSpec, chunk_spans, rows_per_chunk
+from racto_nb.engine.keepalive import WorkerKeeper
+from racto_nb.engine.keys import chunk_task_id, row_id
 from racto_nb.engine.polling import poll
 from racto_nb.engine.publish import publish_many
-from racto_nb.engine.results import ResultReader, read_before_start, read_results
-from racto_nb.errors import InvalidArgument, InvalidSource, RetryScheduled, TaskFailed, Unsupported
-from racto_nb.kits.base import Kit, Rag, require_kit, require_rag, run_chat
+from racto_nb.engine.recovery import LiveWorkers, find_vanished, mark_orphans
+from racto_nb.engine.results import ResultReader
+from racto_nb.engine.runner import ChunkRunner
+from racto_nb.engine.store import Store, store_for
+from racto_nb.errors import InvalidArgument, InvalidSource, Unsupported
+from racto_nb.kits.base import Kit, Rag, require_kit, require_rag
 from racto_nb.models import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -48,13 +55,18 @@ from racto_nb.models import (
     TaskStatus,
 )
 
-#: A task whose worker died this many times in one attempt fails instead of
+__all__ = ["DEFAULT_MAX_REDELIVERIES", "BatchGroupResult", "RactoCeleryWorker", "TaskStatus", "timed_out"]
+
+#: A row whose worker died this many times in one attempt fails instead of
 #: being redelivered again (a poison message would otherwise loop forever).
 DEFAULT_MAX_REDELIVERIES = 3
-_REDIS_SCHEMES = ("redis", "rediss", "sentinel", "sqs")
 #: The seed API's waits: quick first looks (a fast answer is not held back), then at most every 50 ms.
 _POLL_FIRST_S = 0.005
 _POLL_MAX_S = 0.05
+#: A chunk sent this long ago with no trace of any of its rows is checked for having been lost.
+VANISHED_AFTER_S = 15.0
+#: Chunks this client remembers having sent, so ``wait`` can send a lost one again.
+_REMEMBERED_CHUNKS = 10_000
 
 
 class BatchGroupResult(GroupResult):  # type: ignore[misc]
@@ -67,6 +79,15 @@ class BatchGroupResult(GroupResult):  # type: ignore[misc]
     custom_ids: list[str | None]
 
 
+@dataclass
+class _Sent:
+    """A chunk this client published, kept until its rows are final (see ``wait_many``)."""
+
+    payload: ChunkPayload
+    seq: int
+    at: float
+
+
 class RactoCeleryWorker:
     """Celery-backed task queue for LLM kits.
 
@@ -74,16 +95,22 @@ class RactoCeleryWorker:
         app: A configured ``celery.Celery``; you keep control of its broker,
             backend, serializers and routing.
         kit: Any object with ``chat(config)``: a racto_nb kit, a RactoGateway
-            kit, or your own.
+            kit, or your own. A kit with ``max_concurrency`` (``LocalKit``: 1)
+            gets no more calls at once per process, and a row is STARTED only
+            once its call really begins.
         rag: Any object with ``ingest(path, **metadata)`` returning chunks
             (e.g. RactoGateway's ``RactoRAG``); needed only by
             :meth:`ingest_document`.
         retry_config: Backoff policy; defaults to ``RetryConfig()``.
-        name: Distinguishes several workers on one app. Task names are
-            ``racto_nb.<name>.generate`` and ``racto_nb.<name>.ingest``; a
-            worker process must build the same names to run them.
+        name: Distinguishes several workers on one app. The task is
+            ``racto_nb.<name>.rows``; a worker process must build the same
+            name to run it.
+        queue: Where this worker's tasks go; default ``racto_nb.<name>``.
         max_redeliveries: How often one attempt may be redelivered after its
-            worker process died before the task fails with ``WorkerLost``.
+            worker process died before the row fails with ``WorkerLost``.
+        stale_after_s: A worker that stopped renewing its claim for this long
+            is dead: its rows are handed to a live worker (see
+            :mod:`racto_nb.engine.keepalive`).
         replace: Take over ``name`` from a live worker with a different kit
             (otherwise that is an error: one would silently run the other's kit).
     """
@@ -96,20 +123,30 @@ class RactoCeleryWorker:
         rag: Rag | None = None,
         retry_config: RetryConfig | None = None,
         name: str = "default",
+        queue: str | None = None,
         max_redeliveries: int = DEFAULT_MAX_REDELIVERIES,
+        stale_after_s: float = DEFAULT_STALE_AFTER_S,
         replace: bool = False,
     ) -> None:
         self.app = app
         self.kit = require_kit(kit)
         self.rag = require_rag(rag)
-        check_worker_name(name)
+        self.name = check_worker_name(name)
+        self.queue = queue or f"racto_nb.{name}"
         self.retry_config = retry_config or RetryConfig()
-        self.name = name
         self.max_redeliveries = max_redeliveries
-        _check_visibility_timeout(app, self.retry_config)
+        if stale_after_s <= 0:
+            raise InvalidArgument(f"stale_after_s must be > 0 (got {stale_after_s})")
+        self.stale_after_s = stale_after_s
+        slots = getattr(kit, "max_concurrency", None)
+        #: Held around every call when the kit takes a limited number at once.
+        self.kit_slot = threading.BoundedSemaphore(slots) if isinstance(slots, int) and slots > 0 else None
+        self._sent: OrderedDict[str, _Sent] = OrderedDict()
+        self._sent_seq = 0
+        self._sent_lock = threading.Lock()
         self._claim_name(replace)
-        self.generate_task = self._register("generate")
-        self.ingest_task = self._register("ingest")
+        self.task = self._register()
+        _install_worker_hooks(app)
 
     def __repr__(self) -> str:
         return f"RactoCeleryWorker(name={self.name!r}, kit={self.kit!r}, retry_config={self.retry_config!r})"
@@ -138,7 +175,9 @@ class RactoCeleryWorker:
             extra=extra or {},
         )
         _require_json(config.extra, "extra")
-        return self._send(self.generate_task, (config.model_dump(mode="json"),))
+        task_id = uuid()
+        self.send(task_id, "chat", self.defaults(config), [{"id": task_id, "m": config.user_message}])
+        return self.app.AsyncResult(task_id)
 
     def ingest_document(self, path: str, **metadata: Any) -> AsyncResult:
         """Enqueue ``rag.ingest(path, **metadata)`` on a worker.
@@ -152,7 +191,9 @@ class RactoCeleryWorker:
                 "ingest(path, **metadata)> to RactoCeleryWorker"
             )
         _require_json(metadata, "metadata")
-        return self._send(self.ingest_task, (str(path), metadata))
+        task_id = uuid()
+        self.send(task_id, "ingest", {}, [{"id": task_id, "path": str(path), "meta": metadata}])
+        return self.app.AsyncResult(task_id)
 
     def parallel_batch(
         self,
@@ -161,48 +202,98 @@ class RactoCeleryWorker:
         temperature: float = DEFAULT_TEMPERATURE,
         max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> BatchGroupResult:
-        """Fan ``items`` out as one task each; returns the batch's ``GroupResult``.
+        """Fan ``items`` out, several rows per message as the size calls for; returns the ``GroupResult``.
 
         Every item is validated before the first is enqueued. An item's own
         ``temperature``/``max_tokens``/``extra`` win when set (``0.0`` included).
-        Messages go out on one producer without the per-task result
-        subscription ``group().apply_async()`` makes.
+        Each item is a task of its own (``group.results[i].id``); messages go
+        out on one producer without the per-task result subscription
+        ``group().apply_async()`` makes.
         """
-        payloads = self.batch_payloads(items, temperature=temperature, max_tokens=max_tokens)
+        defaults, rows = self.batch_rows(items, temperature=temperature, max_tokens=max_tokens)
         group_id = uuid()
-        task_ids = [uuid() for _ in payloads]
-        publish_many(self.app, self.generate_task, [(p,) for p in payloads], task_ids, group_id=group_id)
-        return self.group_result(group_id, task_ids, [p["custom_id"] for p in payloads])
+        for row in rows:
+            row["id"] = row_id(group_id, row["p"])
+        self.send(group_id, "chat", defaults, rows)
+        return self.group_result(group_id, [r["id"] for r in rows], [r.get("c") for r in rows])
 
-    def _send(self, task: Task, args: tuple[Any, ...]) -> AsyncResult:
-        # Same path as batches: no per-task result subscription left in Redis.
-        task_id = uuid()
-        publish_many(self.app, task, [args], [task_id])
-        return self.app.AsyncResult(task_id)
-
-    def batch_payloads(
+    def batch_rows(
         self,
         items: Sequence[BatchItem | str],
         *,
         temperature: float = DEFAULT_TEMPERATURE,
         max_tokens: int = DEFAULT_MAX_TOKENS,
-    ) -> list[dict[str, Any]]:
-        """Validated JSON payloads for ``items``, one per item, in order."""
+    ) -> tuple[dict[str, Any], list[RowSpec]]:
+        """The batch defaults and one validated row per item, in order (ids left to the caller)."""
         if isinstance(items, (str, BatchItem)):
             raise InvalidSource("items must be a list of strings or BatchItems, not a single item")
-        defaults = ChatConfig(user_message="-", temperature=temperature, max_tokens=max_tokens)
-        payloads = []
+        defaults = self.defaults(ChatConfig(user_message="-", temperature=temperature, max_tokens=max_tokens))
+        rows: list[RowSpec] = []
         for index, raw in enumerate(items):
             item = BatchItem(user_message=raw) if isinstance(raw, str) else BatchItem.model_validate(raw)
-            config = ChatConfig(
-                user_message=item.user_message,
-                temperature=defaults.temperature if item.temperature is None else item.temperature,
-                max_tokens=defaults.max_tokens if item.max_tokens is None else item.max_tokens,
-                extra=item.extra or {},
-            )
-            _require_json(config.extra, f"items[{index}].extra")
-            payloads.append({**config.model_dump(mode="json"), "custom_id": item.custom_id, "index": index})
-        return payloads
+            row: RowSpec = {"id": "", "p": index, "m": item.user_message}
+            if item.custom_id is not None:
+                row["c"] = item.custom_id
+            if item.temperature is not None:
+                row["t"] = item.temperature
+            if item.max_tokens is not None:
+                row["k"] = item.max_tokens
+            if item.extra:
+                _require_json(item.extra, f"items[{index}].extra")
+                row["x"] = item.extra
+            rows.append(row)
+        return defaults, rows
+
+    @staticmethod
+    def defaults(config: ChatConfig) -> dict[str, Any]:
+        """What every row of a chunk shares: ``config`` without its message."""
+        return config.model_dump(mode="json", exclude={"user_message"})
+
+    def chunk(
+        self,
+        batch_id: str,
+        kind: str,
+        defaults: dict[str, Any],
+        rows: list[RowSpec],
+        *,
+        events: bool = False,
+        flags: Sequence[str] = (),
+    ) -> ChunkPayload:
+        """The message body for ``rows`` (see :class:`~racto_nb.engine.chunks.ChunkPayload`)."""
+        if kind not in ("chat", "ingest"):
+            raise InvalidArgument(f"kind must be 'chat' or 'ingest', not {kind!r}")
+        return {
+            "v": PAYLOAD_VERSION,
+            "batch": batch_id,
+            "kind": "chat" if kind == "chat" else "ingest",
+            "defaults": defaults,
+            "rows": rows,
+            "events": events,
+            "flags": list(flags),
+        }
+
+    def publish(self, chunks: Sequence[tuple[str, ChunkPayload]]) -> None:
+        """Hand ``(chunk task id, payload)`` messages to the broker, pipelined; remembered for ``wait``."""
+        publish_many(
+            self.app, self.task, [(payload,) for _, payload in chunks], [cid for cid, _ in chunks], queue=self.queue
+        )
+        with self._sent_lock:
+            for chunk_id, payload in chunks:
+                self._sent_seq += 1
+                self._sent[chunk_id] = _Sent(payload, self._sent_seq, time.monotonic())
+                self._sent.move_to_end(chunk_id)
+            while len(self._sent) > _REMEMBERED_CHUNKS:
+                self._sent.popitem(last=False)
+
+    def send(self, batch_id: str, kind: str, defaults: dict[str, Any], rows: list[RowSpec]) -> None:
+        """Publish ``rows`` in chunks sized for their number (the seed API's path)."""
+        size = rows_per_chunk(len(rows))
+        self.publish(
+            [
+                (chunk_task_id(batch_id, 0, n), self.chunk(batch_id, kind, defaults, rows[start:stop]))
+                for n, (start, stop) in enumerate(chunk_spans(len(rows), size))
+            ]
+        )
 
     def group_result(
         self, group_id: str, task_ids: Sequence[str], custom_ids: Sequence[str | None]
@@ -215,9 +306,15 @@ class RactoCeleryWorker:
         result.custom_ids = list(custom_ids)
         return result
 
+    @property
+    def store(self) -> Store:
+        """The result backend's store (see :mod:`racto_nb.engine.store`)."""
+        return store_for(self.app.backend)
+
     def get_result(self, task_id: str) -> TaskResult:
         """The task's state now, without blocking (STARTED and RETRY included)."""
-        return read_results(self.app, [task_id])[0]
+        results = ResultReader(self.app.backend).read([task_id])
+        return mark_orphans(results, LiveWorkers(self.store))[0]
 
     def wait(self, task_id: str, *, timeout_s: float | None = None) -> TaskResult:
         """Block until the task is final or ``timeout_s`` passes.
@@ -245,26 +342,63 @@ class RactoCeleryWorker:
         return results
 
     def wait_many(self, task_ids: Sequence[str], *, timeout_s: float | None = None) -> list[TaskResult]:
-        """Poll ``task_ids`` until all are final or time runs out; each look reads only the unfinished ones."""
+        """Poll ``task_ids`` until all are final or time runs out; each look reads only the unfinished ones.
+
+        A worker that died shows as RETRY ``WorkerLost`` until its rows run
+        again; a chunk this client sent that left no trace is sent again.
+        """
         if timeout_s is not None and timeout_s < 0:
             raise InvalidArgument(f"timeout_s must be >= 0 or None (got {timeout_s})")
         reader = ResultReader(self.app.backend)
+        workers = LiveWorkers(self.store)
         results: dict[str, TaskResult] = {}
         pending = list(dict.fromkeys(task_ids))
+        checked_at = time.monotonic()
 
         def look() -> list[str]:
-            nonlocal pending
-            for result in reader.read(pending):
+            nonlocal pending, checked_at
+            for result in mark_orphans(reader.read(pending), workers):
                 results[result.task_id] = result
             finished = [task_id for task_id in pending if results[task_id].status.is_final]
             reader.forget(finished)
             pending = [task_id for task_id in pending if not results[task_id].status.is_final]
+            if pending and time.monotonic() - checked_at >= VANISHED_AFTER_S:
+                checked_at = time.monotonic()
+                self.resend_vanished(results)
             return pending
 
         poll(look, lambda left: not left, timeout_s=timeout_s, first_pause_s=_POLL_FIRST_S, max_pause_s=_POLL_MAX_S)
         for task_id in pending:
             results[task_id] = timed_out(results[task_id], timeout_s)
         return [results[task_id].model_copy() for task_id in task_ids]
+
+    def resend_vanished(self, known: dict[str, TaskResult]) -> int:
+        """Send again the chunks this client sent that left no trace; returns how many.
+
+        ``known`` is what the caller last read per row id. A chunk qualifies
+        when every row of it is still PENDING, it was sent a while ago, a chunk
+        sent after it has been taken, and no worker holds it.
+        """
+        with self._sent_lock:
+            sent = list(self._sent.items())
+        taken = [s.seq for _, s in sent if _touched(s.payload, known)]
+        latest_taken = max(taken, default=0)
+        now = time.monotonic()
+        candidates = [
+            chunk_id
+            for chunk_id, s in sent
+            if s.seq < latest_taken and now - s.at >= VANISHED_AFTER_S and _untouched(s.payload, known)
+        ]
+        lost = find_vanished(self.app, self.store, candidates)
+        if lost:
+            with self._sent_lock:
+                chunks = [(chunk_id, self._sent[chunk_id].payload) for chunk_id in lost if chunk_id in self._sent]
+            self.publish(chunks)
+        with self._sent_lock:  # forget chunks whose rows are all final
+            for chunk_id, s in sent:
+                if _all_final(s.payload, known):
+                    self._sent.pop(chunk_id, None)
+        return len(lost)
 
     # ------------------------------------------------------------------ worker side
 
@@ -281,27 +415,25 @@ class RactoCeleryWorker:
             )
         registry[self.name] = self
 
-    def _register(self, action: str) -> Task:
-        """The task for ``action``, created once per app and name.
+    def _register(self) -> Task:
+        """The rows task, created once per app and name.
 
         Celery keeps the first callable registered under a name, so the body
         does not capture this instance: it runs whichever worker holds the name
         when the task executes (a re-run cell's new retry policy, a
         ``replace=True`` kit).
         """
-        task_name = f"racto_nb.{self.name}.{action}"
+        task_name = f"racto_nb.{self.name}.rows"
         tasks: dict[str, Task] = self.app.__dict__.setdefault("_racto_tasks", {})
         if task_name in tasks:
             return tasks[task_name]
         registry: dict[str, RactoCeleryWorker] = self.app.__dict__["_racto_workers"]
         name = self.name
 
-        def task_body(task: Task, *args: Any) -> dict[str, Any]:
-            holder = registry[name]
-            result: dict[str, Any] = getattr(holder, f"_run_{action}")(task, *args)
-            return result
+        def task_body(task: Task, payload: ChunkPayload) -> None:
+            ChunkRunner(registry[name], task, payload).run()
 
-        task_body.__name__ = task_body.__qualname__ = f"{self.name}_{action}"
+        task_body.__name__ = task_body.__qualname__ = f"{self.name}_rows"
         task: Task = self.app.task(
             bind=True,
             name=task_name,
@@ -309,112 +441,60 @@ class RactoCeleryWorker:
             # later, so a second app's worker of the same name would run this
             # worker's kit (the first registration wins).
             shared=False,
-            # A worker killed mid-call must not lose the task: acknowledge only
-            # after it ran, and requeue when the process running it is lost.
+            # A worker killed mid-chunk must not lose it: acknowledge only after
+            # it ran, and requeue when the process running it is lost.
             acks_late=True,
             reject_on_worker_lost=True,
             serializer="json",
-            # The task writes its own STARTED state (with attempt counts).
-            track_started=False,
+            # Rows store their own results; the chunk task's return value is nothing.
+            ignore_result=True,
         )(task_body)
         tasks[task_name] = task
         return task
 
-    def _run_generate(self, task: Task, payload: dict[str, Any]) -> dict[str, Any]:
-        # Read, never pop: Celery builds a retry's message from these same args.
-        item = {"custom_id": payload.get("custom_id"), "index": payload.get("index")}
-        config = ChatConfig.model_validate({k: v for k, v in payload.items() if k not in item})
-        return self._attempt(task, lambda: run_chat(self.kit, config), item)
 
-    def _run_ingest(self, task: Task, path: str, metadata: dict[str, Any]) -> dict[str, Any]:
-        rag = self.rag
-        if rag is None:
-            raise TaskFailed("this worker process has no rag object configured", "RuntimeError")
-        return self._attempt(task, lambda: [_chunk_dict(c) for c in rag.ingest(path, **metadata)], {})
+# ---------------------------------------------------------------------------- the worker process's side
 
-    def _attempt(self, task: Task, work: Callable[[], Any], item: dict[str, Any]) -> dict[str, Any]:
-        cfg = self.retry_config
-        retries_so_far = int(task.request.retries or 0)
-        attempt = retries_so_far + 1
-        self._mark_started(task, attempt)
-        started = time.perf_counter()
-        try:
-            output = work()
-        except Exception as exc:
-            verdict = classify(exc)
-            what = verdict.error_type + (f" (HTTP {verdict.status_code})" if verdict.status_code else "")
-            what += f": {_explain(exc, with_cause=verdict.status_code is None)}"
-            if verdict.retryable and retries_so_far < cfg.max_retries:
-                countdown = cfg.countdown(retries_so_far, verdict.retry_after_s)
-                scheduled = RetryScheduled(
-                    what,
-                    verdict.error_type,
-                    verdict.status_code,
-                    attempt,
-                    cfg.max_retries,
-                    time.time() + countdown,
-                )
-                raise task.retry(exc=scheduled, countdown=countdown, max_retries=cfg.max_retries) from None
-            why = f"gave up after {attempt} attempts" if verdict.retryable else "not retried"
-            raise TaskFailed(f"{what} ({why})", verdict.error_type, verdict.status_code, attempt) from None
-        return {
-            "output": output,
-            "attempts": attempt,
-            "latency_s": round(time.perf_counter() - started, 6),
-            **item,
+
+def _install_worker_hooks(app: Celery) -> None:
+    """Once per app: a ``celery worker`` of it consumes racto_nb's queues and keeps its claims alive."""
+    if app.__dict__.get("_racto_hooks"):
+        return
+    app.__dict__["_racto_hooks"] = True
+    keepers: list[WorkerKeeper] = []
+
+    def racto_workers() -> list[RactoCeleryWorker]:
+        return list(app.__dict__.get("_racto_workers", {}).values())
+
+    def consume_queues(sender: Any = None, instance: Any = None, **_: Any) -> None:
+        if getattr(instance, "app", None) is app:
+            for worker in racto_workers():
+                instance.app.amqp.queues.select_add(worker.queue)
+
+    def start_keeper(sender: Any = None, **_: Any) -> None:
+        workers = racto_workers()
+        if sender is None or sender.app is not app or not workers:
+            return
+        info = {
+            "names": sorted(w.name for w in workers),
+            "queues": sorted({w.queue for w in workers}),
+            "concurrency": getattr(getattr(sender, "pool", None), "limit", None),
+            "broker": mask_url(str(app.conf.broker_url or "")),
         }
+        stale = min(w.stale_after_s for w in workers)
+        keepers.append(WorkerKeeper(app, str(sender.hostname), stale_after_s=stale, info=info).start())
 
-    def _mark_started(self, task: Task, attempt: int) -> None:
-        # One read + one write per attempt buys bounded redelivery on every
-        # broker (a STARTED record for this same attempt means its worker died
-        # mid-call) and batch cancel that reaches tasks in a retry countdown.
-        previous, cancelled = read_before_start(task.backend, task.request.id, task.request.group)
-        if previous.get("status") == "REVOKED":
-            raise Ignore()  # revoked by a batch cancel while this message waited: never run it
-        if cancelled:
-            task.backend.mark_as_revoked(task.request.id, reason="batch cancelled", request=task.request)
-            raise Ignore()
-        deliveries = 1
-        recorded = previous.get("result") if previous.get("status") == "STARTED" else None
-        if isinstance(recorded, dict) and recorded.get("attempt") == attempt:
-            deliveries = int(recorded.get("deliveries", 1)) + 1
-        if deliveries > self.max_redeliveries + 1:
-            raise TaskFailed(
-                f"WorkerLost: the worker running attempt {attempt} died {deliveries - 1} times; "
-                f"not redelivered again (max_redeliveries={self.max_redeliveries})",
-                "WorkerLost",
-                None,
-                attempt,
-            )
-        task.update_state(
-            state="STARTED",
-            meta={"attempt": attempt, "deliveries": deliveries, "hostname": task.request.hostname},
-        )
+    def stop_keepers(sender: Any = None, **_: Any) -> None:
+        while keepers:
+            keepers.pop().stop()
+
+    signals.celeryd_after_setup.connect(consume_queues, weak=False)
+    signals.worker_ready.connect(start_keeper, weak=False)
+    signals.worker_shutting_down.connect(stop_keepers, weak=False)
+    signals.worker_shutdown.connect(stop_keepers, weak=False)
 
 
-def _explain(exc: BaseException, *, with_cause: bool) -> str:
-    """The message, plus the low-level cause SDKs hide behind "Connection error."."""
-    text = str(exc) or type(exc).__name__
-    cause = exc.__cause__ or exc.__context__
-    if with_cause and cause is not None and not (str(cause) and str(cause) in text):
-        detail = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
-        text += f" (caused by {detail})"
-    return text
-
-
-def _same_kit(a: Any, b: Any) -> bool:
-    return a is b or (type(a) is type(b) and a == b)
-
-
-def _chunk_dict(chunk: Any) -> Any:
-    return chunk.model_dump(mode="json") if hasattr(chunk, "model_dump") else chunk
-
-
-def _require_json(value: Any, what: str) -> None:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError) as exc:
-        raise InvalidSource(f"{what} must be JSON-serialisable (str, number, bool, list, dict): {exc}") from None
+# ---------------------------------------------------------------------------- helpers
 
 
 def timed_out(result: TaskResult, timeout_s: float | None) -> TaskResult:
@@ -425,18 +505,30 @@ def timed_out(result: TaskResult, timeout_s: float | None) -> TaskResult:
     return cut
 
 
-def _check_visibility_timeout(app: Celery, cfg: RetryConfig) -> None:
-    """On Redis and SQS, a retry countdown must stay below the visibility timeout (see config)."""
-    url = str(app.conf.broker_url or "")
-    if not url.startswith(_REDIS_SCHEMES):
-        return
-    options = app.conf.broker_transport_options or {}
-    check_retry_fits_visibility(
-        cfg.max_delay_s,
-        float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT_S)),
-        max_delay="RetryConfig.max_delay_s",
-        visibility="broker_transport_options['visibility_timeout']",
-    )
+def _row_states(payload: ChunkPayload, known: dict[str, TaskResult]) -> list[TaskStatus | None]:
+    return [None if (r := known.get(row["id"])) is None else r.status for row in payload["rows"]]
 
 
-__all__ = ["BatchGroupResult", "RactoCeleryWorker", "TaskStatus"]
+def _touched(payload: ChunkPayload, known: dict[str, TaskResult]) -> bool:
+    found = _row_states(payload, known)
+    return any(s is not None and s is not TaskStatus.PENDING for s in found)
+
+
+def _untouched(payload: ChunkPayload, known: dict[str, TaskResult]) -> bool:
+    found = _row_states(payload, known)
+    return all(s is TaskStatus.PENDING for s in found)
+
+
+def _all_final(payload: ChunkPayload, known: dict[str, TaskResult]) -> bool:
+    return all(s is not None and s.is_final for s in _row_states(payload, known))
+
+
+def _same_kit(a: Any, b: Any) -> bool:
+    return a is b or (type(a) is type(b) and a == b)
+
+
+def _require_json(value: Any, what: str) -> None:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidSource(f"{what} must be JSON-serialisable (str, number, bool, list, dict): {exc}") from None

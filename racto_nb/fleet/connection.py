@@ -174,6 +174,7 @@ def _start_embedded(
         rag=build_rag(cfg) if rag is None else rag,
         retry_config=retry_config or build_retry(cfg),
         name=cfg.worker_name,
+        queue=str(app.conf.task_default_queue),  # this app's own in-process queue
     )
     runner = EmbeddedWorker(app, concurrency=concurrency).start()
     return worker, runner
@@ -200,5 +201,7 @@ def _connect_broker(
             kit = ClientOnlyKit(str(exc).split(".")[0])
     retry = retry_config or build_retry(cfg)
     rag = build_rag(cfg) if rag is None else rag
-    return RactoCeleryWorker(app, kit=kit, rag=rag, retry_config=retry, name=cfg.worker_name)
+    return RactoCeleryWorker(
+        app, kit=kit, rag=rag, retry_config=retry, name=cfg.worker_name, stale_after_s=cfg.visibility_timeout_s
+    )
 

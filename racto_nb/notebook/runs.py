@@ -105,7 +105,14 @@ class BatchRun:
     def show(self) -> None:
         """Display the view; call it in the cell's own thread, before watching starts."""
         self.view.display()
-        self.view.announce(batch_started(self.batch_id, rows=len(self.batch.task_ids), tasks=self.batch.total))
+        self.view.announce(batch_started(self.batch_id, rows=len(self.batch.index), tasks=self.batch.total))
+
+    def _draw_running(self, progress: BatchProgress) -> None:
+        """Draw a snapshot while the batch runs; the final one is drawn once its frame exists (``_finish``)."""
+        if progress.finished:
+            self._last = progress
+        else:
+            self._draw(progress)
 
     def _draw(self, progress: BatchProgress) -> None:
         self._last = progress
@@ -130,7 +137,7 @@ class BatchRun:
         """
         try:
             progress = self.batch.wait(
-                timeout_s=timeout_s, interval_s=self.interval_s, on_progress=self._draw
+                timeout_s=timeout_s, interval_s=self.interval_s, on_progress=self._draw_running
             )
         except KeyboardInterrupt:
             self._close_view(self._last)
@@ -159,7 +166,7 @@ class BatchRun:
     def _watch(self, timeout_s: float | None) -> None:
         try:
             progress = self.batch.wait(
-                timeout_s=timeout_s, interval_s=self.interval_s, on_progress=self._draw, stop=self._stop
+                timeout_s=timeout_s, interval_s=self.interval_s, on_progress=self._draw_running, stop=self._stop
             )
             if progress.finished:
                 self._finish(progress)
@@ -179,8 +186,8 @@ class BatchRun:
         self._close_view(self._last)
 
     def _finish(self, progress: BatchProgress) -> pd.DataFrame:
+        # The result is built before the view says "done": whoever sees the final state can have the frame.
         with self._lock:
-            self._draw(progress)
             frame = self.batch.to_frame()
             if self._frame is None:
                 self._frame = frame
@@ -190,11 +197,12 @@ class BatchRun:
             if self.write_back is not None:
                 target, column = self.write_back
                 target[column] = self._frame["content"].to_numpy()
+            result = self._frame
+            self.done.set()
+            self._draw(progress)
             failures = progress.count(TaskStatus.FAILURE)
             if not (failures and self._rounds == 0 and self.view.interactive):
                 self._close_view(progress)  # else stay live: the Retry-failed button may restart it
-            result = self._frame
-            self.done.set()
         if self.on_done is not None:
             try:
                 self.on_done(result)

@@ -73,14 +73,23 @@ def make_ractogateway_kit() -> Any:
 
 
 def register(app: Celery) -> dict[str, RactoCeleryWorker]:
+    """The same workers on any app; each name's queue is under the app's own queue, so tests stay apart."""
     timeout_s = float(os.environ.get("RACTO_TEST_TIMEOUT_S", "2"))
+    stale_s = float(os.environ.get("RACTO_TEST_STALE_S", "30"))
     kit_a = OpenAIKit("model-a", base_url=OPENAI_URL, timeout_s=timeout_s)
     kit_b = OpenAIKit("model-b", base_url=OPENAI_URL, system_prompt="You are kit B.", timeout_s=timeout_s)
+    base = app.conf.task_default_queue
+
+    def make(name: str, kit: Any, **options: Any) -> RactoCeleryWorker:
+        return RactoCeleryWorker(
+            app, kit=kit, name=name, queue=f"{base}.{name}", retry_config=RETRY, stale_after_s=stale_s, **options
+        )
+
     return {
-        "default": RactoCeleryWorker(app, kit=kit_a, rag=make_rag(), retry_config=RETRY),
-        "b": RactoCeleryWorker(app, kit=kit_b, name="b", retry_config=RETRY),
-        "rg": RactoCeleryWorker(app, kit=make_ractogateway_kit(), name="rg", retry_config=RETRY),
-        "crash": RactoCeleryWorker(app, kit=CrashKit(), name="crash", retry_config=RETRY, max_redeliveries=1),
+        "default": make("default", kit_a, rag=make_rag()),
+        "b": make("b", kit_b),
+        "rg": make("rg", make_ractogateway_kit()),
+        "crash": make("crash", CrashKit(), max_redeliveries=1),
     }
 
 
