@@ -22,9 +22,9 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
   fi
 fi
 
-echo "== installing racto_nb with its dev and local extras (llama-cpp-python compiles once, ~5 min)"
+echo "== installing racto_nb with its dev and local extras (llama-cpp-python compiles once, ~4.5 min on 2 cores)"
 python -m pip install --quiet --upgrade pip
-python -m pip install --quiet -e ".[dev,local]"
+bash scripts/ensure_portable_llama.sh -e ".[dev,local]"
 python -m ipykernel install --user --name python3 >/dev/null
 
 echo "== lint and types"
