@@ -53,13 +53,13 @@ def app_worker(racto_env: dict[str, str], repo_root: Path) -> Iterator[WorkerPro
 def python3_kernel() -> str:
     from jupyter_client.kernelspec import KernelSpecManager
 
-    if "python3" not in KernelSpecManager().find_kernel_specs():
+    if "racto-nb-test" not in KernelSpecManager().find_kernel_specs():
         subprocess.run(
-            [sys.executable, "-m", "ipykernel", "install", "--user", "--name", "python3"],
+            [sys.executable, "-m", "ipykernel", "install", "--user", "--name", "racto-nb-test"],
             check=True,
             capture_output=True,
         )
-    return "python3"
+    return "racto-nb-test"
 
 
 def _text(cell: Any) -> str:

@@ -40,16 +40,16 @@ pytestmark = [
 
 @pytest.fixture(scope="session")
 def python3_kernel() -> str:
-    """A ``python3`` kernelspec; installed for this user if Jupyter cannot find one."""
+    """The ``racto-nb-test`` kernelspec (scripts/test.sh registers it); installed for this user if missing."""
     from jupyter_client.kernelspec import KernelSpecManager
 
-    if "python3" not in KernelSpecManager().find_kernel_specs():
+    if "racto-nb-test" not in KernelSpecManager().find_kernel_specs():
         subprocess.run(
-            [sys.executable, "-m", "ipykernel", "install", "--user", "--name", "python3"],
+            [sys.executable, "-m", "ipykernel", "install", "--user", "--name", "racto-nb-test"],
             check=True,
             capture_output=True,
         )
-    return "python3"
+    return "racto-nb-test"
 
 
 @pytest.fixture
