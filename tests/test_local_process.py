@@ -158,6 +158,43 @@ def test_close_stops_the_process_and_the_next_call_starts_one(kit: LocalKit) -> 
     assert kit.chat(SHORT).content and kit.starts == 2
 
 
+def _in_fork(kit: LocalKit, answers: Any, release: Any, chat: bool) -> None:
+    answers.put((os.getpid(), kit.chat(SHORT).content, kit.pid) if chat else (os.getpid(), None, None))
+    release.wait(60)
+
+
+@pytest.mark.parametrize("fork_chats", [True, False], ids=["fork-chats", "fork-never-touches-the-kit"])
+def test_a_forked_worker_gets_its_own_model_process_and_does_not_keep_the_parents_alive(
+    kit: LocalKit, fork_chats: bool
+) -> None:
+    """Celery's prefork pool forks a process whose kit may already run a model process."""
+    import multiprocessing
+
+    kit.load()
+    parent_child = kit.pid
+    fork = multiprocessing.get_context("fork")
+    answers, release = fork.Queue(), fork.Event()
+    worker = fork.Process(target=_in_fork, args=(kit, answers, release, fork_chats))
+    worker.start()
+    try:
+        fork_pid, content, fork_child = answers.get(timeout=60)
+        assert fork_pid == worker.pid
+        if fork_chats:
+            assert content and "Paris" in content
+            assert fork_child not in (None, parent_child)  # its own model process, not the parent's pipes
+        assert kit.chat(SHORT).content and kit.pid == parent_child  # the parent's is untouched
+
+        # The fork holds no copy of the parent's pipes: closing stdin ends the parent's child at once
+        # (a copy held open would leave it waiting for EOF until close() gives up and kills it).
+        started = time.monotonic()
+        kit.close()
+        assert time.monotonic() - started < 2
+    finally:
+        release.set()
+        worker.join(30)
+    assert worker.exitcode == 0
+
+
 def test_crash_messages_name_what_happened_and_the_fix() -> None:
     segv = crash_message(-11, 42, "while generating")
     assert segv.startswith("the local model process (pid 42) crashed with SIGSEGV while generating")

@@ -86,6 +86,9 @@ class LlamaProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             close_fds=True,
+            # Unbuffered (FileIO): no Python lock is held while a thread waits on a pipe, so a fork
+            # of this process (Celery's prefork pool) can close its copies without deadlocking.
+            bufsize=0,
         )
         assert self._proc.stderr is not None
         self._drainer = threading.Thread(
@@ -93,6 +96,7 @@ class LlamaProcess:
         )
         self._drainer.start()
         weakref.finalize(self, _shut_down, self._proc, self._owner_pid)
+        _LIVE.add(self)
         reply: LoadReply = self._request(request, "while loading the model")
         self.start_s = time.perf_counter() - started
         self.load_reply = reply
@@ -114,9 +118,8 @@ class LlamaProcess:
         proc = self._proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
         try:
-            proc.stdin.write(json.dumps(request).encode() + b"\n")
-            proc.stdin.flush()
-            line = proc.stdout.readline()
+            _write_all(proc.stdin.fileno(), json.dumps(request).encode() + b"\n")
+            line = _read_line(proc.stdout.fileno())
         except (BrokenPipeError, ConnectionResetError):
             line = b""
         if not line.endswith(b"\n"):
@@ -186,11 +189,75 @@ def _rebuild(error_type: str, message: str) -> Exception:
     return RuntimeError(f"{error_type}: {message}")
 
 
+#: Handles with a running child, for :func:`_after_fork_in_child`.
+_LIVE: weakref.WeakSet[LlamaProcess] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked process (Celery's prefork pool) lets go of the parent's pipes to its model processes.
+
+    Otherwise the fork would hold the write end of a child's stdin open, and
+    that child would not see EOF when the parent closes it or dies. The pipes
+    are unbuffered file objects, so closing these copies takes no lock a
+    parent thread could have held at the fork. The handle counts as dead
+    here; the fork's kit starts a model process of its own.
+    """
+    for handle in list(_LIVE):
+        handle._dead = True
+        proc = handle._proc
+        for stream in (proc.stdin, proc.stdout, proc.stderr) if proc is not None else ():
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+    _LIVE.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_line(fd: int) -> bytes:
+    """One reply: bytes up to and including the newline, or what came before EOF.
+
+    The child writes exactly one line per request and nothing unasked, so no
+    bytes past the newline are ever read (and none need keeping).
+    """
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        chunks.append(chunk)
+        if not chunk or chunk.endswith(b"\n"):
+            return b"".join(chunks)
+
+
 def _drain(stream: IO[bytes], tail: collections.deque[str]) -> None:
-    for raw in stream:
-        line = raw.decode(errors="replace")
-        tail.append(line)
-        log.debug("llama child: %s", line.rstrip())
+    """Keep the last lines of the child's stderr (and log them at debug level) until it closes."""
+    fd, pending = stream.fileno(), b""
+    while chunk := _read_or_eof(fd):
+        *lines, pending = (pending + chunk).split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace") + "\n"
+            tail.append(line)
+            log.debug("llama child: %s", line.rstrip())
+    if pending:
+        tail.append(pending.decode(errors="replace"))
+    # Closed here, by the only thread that reads it: closing it from another could race a read
+    # against the fd number being reused.
+    with contextlib.suppress(OSError):
+        stream.close()
+
+
+def _read_or_eof(fd: int) -> bytes:
+    try:
+        return os.read(fd, 1 << 16)
+    except OSError:  # closed under us (close(), or a fork letting go of it)
+        return b""
 
 
 def _shut_down(proc: subprocess.Popen[bytes], owner_pid: int) -> None:
