@@ -4,8 +4,9 @@
   llama_cpp there, load the GGUF) until the model is ready; median of 5.
 * **per-call overhead**: the same short call (a 10-token prompt, 1 completion
   token, temperature 0) made 40 times through ``LocalKit`` (JSON over pipes to
-  the child) and 40 times on a ``llama_cpp.Llama`` in this process, both with
-  ``reset()`` before each call; the difference of the medians is the pipe's price.
+  the child) and 40 times on a ``llama_cpp.Llama`` in this process, alternating,
+  both with ``reset()`` before each call; the difference of the medians is the
+  pipe's price.
 * **answer lengths**: the 40 demo reviews (``notebooks/data/product_reviews.csv``)
   under 4 prompts, 160 calls at temperature 0 with ``ChatConfig``'s default
   ``max_tokens`` (4096), so only the kit's cap ends a rambling answer:
@@ -59,32 +60,30 @@ def start_times(n: int = 5) -> list[float]:
     return out
 
 
-def per_call(kit: LocalKit) -> list[float]:
-    config = ChatConfig(user_message=SHORT, temperature=0.0, max_tokens=1)
-    kit.chat(config)  # warm
-    out = []
-    for _ in range(CALLS):
-        started = time.perf_counter()
-        kit.chat(config)
-        out.append(time.perf_counter() - started)
-    return out
-
-
-def per_call_in_process() -> list[float]:
+def per_call(kit: LocalKit) -> tuple[list[float], list[float]]:
+    """The same short call through ``kit`` and on an in-process ``Llama``, alternating (load hits both alike)."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(find_smollm2_gguf()), n_ctx=2048, n_threads=2, seed=0, verbose=False)
+    config = ChatConfig(user_message=SHORT, temperature=0.0, max_tokens=1)
     messages: Any = [{"role": "user", "content": SHORT}]
-    kwargs: dict[str, Any] = {"temperature": 0.0, "max_tokens": 1, "seed": 0}
-    llm.reset()  # type: ignore[no-untyped-call]
-    llm.create_chat_completion(messages=messages, **kwargs)
-    out = []
-    for _ in range(CALLS):
-        started = time.perf_counter()
+    kwargs = kit.sampling_kwargs(config)
+
+    def in_process() -> None:
         llm.reset()  # type: ignore[no-untyped-call]
         llm.create_chat_completion(messages=messages, **kwargs)
-        out.append(time.perf_counter() - started)
-    return out
+
+    kit.chat(config)  # warm both
+    in_process()
+    through_pipe, local = [], []
+    for _ in range(CALLS):
+        started = time.perf_counter()
+        kit.chat(config)
+        through_pipe.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        in_process()
+        local.append(time.perf_counter() - started)
+    return through_pipe, local
 
 
 def lengths(kit: LocalKit, reviews: pd.DataFrame) -> pd.DataFrame:
@@ -111,9 +110,8 @@ def main() -> None:
     starts = start_times()
     kit = LocalKit(n_threads=2)
     kit.load()
-    through_pipe = per_call(kit)
+    through_pipe, in_process = per_call(kit)
     info = kit.describe()
-    in_process = per_call_in_process()
 
     before_kit = LocalKit(n_threads=2, max_tokens_cap=512, stop=())
     before = lengths(before_kit, reviews)
@@ -138,7 +136,8 @@ def main() -> None:
         f"| same call on a Llama in this process, median of {CALLS} | {local_ms:.2f} ms |",
         f"| per-call overhead of the child | {pipe_ms - local_ms:+.2f} ms |",
         "",
-        "Answer lengths, 40 demo reviews × 4 prompts = 160 calls at temperature 0, `max_tokens` left at 4096:",
+        "Answer lengths, 40 demo reviews × 4 prompts = 160 calls at temperature 0, `max_tokens` left at 4096 "
+        "(token counts are deterministic; the seconds are wall time and move with the machine's load):",
         "",
         "| settings | hit the cap | finish_reason=length | median tokens | p99 tokens | max tokens | total s |",
         "|---|---|---|---|---|---|---|",
