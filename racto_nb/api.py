@@ -42,8 +42,10 @@ import pandas as pd
 from typing_extensions import Unpack
 
 from racto_nb.batch.batch import Batch
+from racto_nb.batch.estimate import estimate_rows
 from racto_nb.batch.rows import Source, prepare_rows
 from racto_nb.batch.templates import MissingRule
+from racto_nb.costs.estimate import Estimate
 from racto_nb.errors import InvalidArgument
 from racto_nb.fleet.connection import connect, current_worker, disconnect
 from racto_nb.fleet.processes import WorkerProcess, running_workers, start_workers, stop_workers
@@ -62,8 +64,10 @@ __all__ = [
     "TaskRun",
     "WorkerProcess",
     "attach",
+    "clear_cache",
     "connect",
     "disconnect",
+    "estimate",
     "generate",
     "get_result",
     "prepare_rows",
@@ -117,18 +121,23 @@ class BatchOptions(_FollowOptions, total=False):
     on_missing: MissingRule
     write_back: str | None
     frame: pd.DataFrame | None
+    cache: bool
+    max_cost_usd: float | None
 
 
 class AttachOptions(_FollowOptions, total=False):
     """The options of :func:`attach` besides ``batch_id`` and ``wait``."""
 
     cancel: bool
+    resume: bool
+    max_cost_usd: float | None
 
 
 class GenerateOptions(TypedDict, total=False):
     """The options of :func:`generate` besides ``prompt`` and ``wait``."""
 
     worker: RactoCeleryWorker | None
+    cache: bool
     temperature: float
     max_tokens: int
     system_prompt: str | None
@@ -196,13 +205,25 @@ def _run_batch(
     on_done: Callable[[pd.DataFrame], object] | None = None,
     title: str = "",
     interval_s: float = DEFAULT_INTERVAL_S,
+    cache: bool = True,
+    max_cost_usd: float | None = None,
 ) -> pd.DataFrame | BatchRun:
     _check_options(temperature, max_tokens, timeout_s, progress)
+    _check_cost(max_cost_usd)
+    chosen = resolve_worker(worker)
+    _check_priced(chosen, max_cost_usd)
     rows = prepare_rows(
         source, template, custom_id=custom_id, on_missing=on_missing, write_back=write_back, frame=frame
     )
     batch = Batch.submit(
-        resolve_worker(worker), rows, temperature=temperature, max_tokens=max_tokens, background=True, title=title
+        chosen,
+        rows,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        background=True,
+        title=title,
+        cache=cache,
+        max_cost_usd=max_cost_usd,
     )
     run = BatchRun(
         batch,
@@ -247,17 +268,25 @@ def _attach(
     title: str = "",
     interval_s: float = DEFAULT_INTERVAL_S,
     cancel: bool = False,
+    resume: bool = False,
+    max_cost_usd: float | None = None,
 ) -> pd.DataFrame | BatchRun:
     _check_options(DEFAULT_TEMPERATURE, DEFAULT_MAX_TOKENS, timeout_s, progress)
+    _check_cost(max_cost_usd)
     if not isinstance(batch_id, str) or not batch_id.strip():
         raise InvalidArgument("attach needs the batch id shown when the batch was submitted")
-    batch = Batch.attach(resolve_worker(worker), batch_id.strip())
+    chosen = resolve_worker(worker)
+    _check_priced(chosen, max_cost_usd)
+    batch = Batch.attach(chosen, batch_id.strip())
     run = BatchRun(
         batch, progress=progress, title=title, on_done=on_done, interval_s=interval_s, cancel_button=not wait
     )
     if cancel:
         revoked = batch.cancel()
         notice(f"batch {batch.batch_id}: {revoked} waiting tasks revoked; tasks already running finish")
+    if resume or max_cost_usd is not None:
+        resumed = batch.resume(max_cost_usd=max_cost_usd)
+        notice(f"batch {batch.batch_id}: resumed; {resumed} paused rows sent again")
     return _follow(run, wait, timeout_s)
 
 
@@ -304,13 +333,14 @@ def _generate(
     timeout_s: float | None = None,
     progress: ProgressChoice | StatusView = "auto",
     on_done: Callable[[TaskResult], object] | None = None,
+    cache: bool = True,
 ) -> TaskResult | TaskRun:
     _check_options(temperature, max_tokens, timeout_s, progress)
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidArgument("the prompt is empty; write it in the cell body (or pass a non-empty string)")
     chosen = resolve_worker(worker)
     history = [{"role": "system", "content": system_prompt}] if system_prompt else None
-    task_id = chosen.generate(prompt, temperature=temperature, max_tokens=max_tokens, history=history).id
+    task_id = chosen.generate(prompt, temperature=temperature, max_tokens=max_tokens, history=history, cache=cache).id
     line = make_status_line(progress, max_retries=chosen.retry_config.max_retries, show_answer=not wait)
     line.display()
     if wait:
@@ -324,3 +354,54 @@ def get_result(task_id: str, *, worker: RactoCeleryWorker | None = None) -> Task
     """One task's state now (pending, started, retry, or final), without waiting."""
     return resolve_worker(worker).get_result(task_id)
 
+
+# ---------------------------------------------------------------------------- cost
+
+
+def estimate(
+    source: Source,
+    template: str | None = None,
+    *,
+    worker: RactoCeleryWorker | None = None,
+    temperature: float = DEFAULT_TEMPERATURE,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    custom_id: str | None = None,
+    on_missing: MissingRule = "skip",
+    frame: pd.DataFrame | None = None,
+    cache: bool = True,
+) -> Estimate:
+    """What :func:`run_batch` with these arguments would cost, before anything is sent.
+
+    ``rows``, the rows that would really be sent (skipped rows, twins and rows
+    the ledger already answers left out), ``prompt_tokens`` (counted by a real
+    tokenizer where one is available; ``approximate`` says when not), and
+    ``cost_usd_low`` (every answer empty) to ``cost_usd_high`` (every answer
+    ``max_tokens`` long) at the price table's prices (``prices_as_of``).
+    """
+    _check_options(temperature, max_tokens, None, "none")
+    rows = prepare_rows(source, template, custom_id=custom_id, on_missing=on_missing, frame=frame)
+    return estimate_rows(resolve_worker(worker), rows, temperature=temperature, max_tokens=max_tokens, cache=cache)
+
+
+def clear_cache(*, worker: RactoCeleryWorker | None = None) -> int:
+    """Forget every answer in the pay-once ledger of ``worker``'s deployment; returns how many there were."""
+    chosen = resolve_worker(worker)
+    ledger = chosen.spending.ledger(chosen.store)
+    return 0 if ledger is None else ledger.clear()
+
+
+def _check_priced(worker: RactoCeleryWorker, max_cost_usd: float | None) -> None:
+    """A cap needs a price: without one every call would count as free and the cap would never bind."""
+    if max_cost_usd is not None and not worker.spending.priced:
+        model = getattr(worker.kit, "model", None)
+        raise InvalidArgument(
+            f"max_cost_usd needs a price for model {model!r}, which the price table does not list: "
+            "set RACTO_PRICE_IN_PER_MTOK and RACTO_PRICE_OUT_PER_MTOK (dollars per million tokens)"
+        )
+
+
+def _check_cost(max_cost_usd: float | None) -> None:
+    if max_cost_usd is not None and (
+        isinstance(max_cost_usd, bool) or not isinstance(max_cost_usd, (int, float)) or not max_cost_usd > 0
+    ):
+        raise InvalidArgument(f"max_cost_usd must be a number of dollars > 0, not {max_cost_usd!r}")

@@ -25,6 +25,7 @@ from celery.signals import celeryd_init, worker_ready
 
 from racto_nb.config import build_retry, env_name, load_config, mask_url
 from racto_nb.engine.celery_app import build_celery
+from racto_nb.engine.spending import SpendSettings
 from racto_nb.engine.worker import RactoCeleryWorker
 from racto_nb.fleet.connection import connect, current_worker, disconnect
 from racto_nb.kits.factory import build_kit, build_rag
@@ -42,6 +43,7 @@ worker = RactoCeleryWorker(
     retry_config=build_retry(config),
     name=config.worker_name,
     stale_after_s=config.visibility_timeout_s,
+    spending=SpendSettings.from_config(config),
 )
 
 

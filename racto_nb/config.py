@@ -43,6 +43,8 @@ __all__ = [
     "ANSWER_TIMEOUT_S",
     "BROKER_ANSWER_TIMEOUT_S",
     "CONFIG_FILE_NAME",
+    "DEFAULT_CACHE_MAX_ENTRIES",
+    "DEFAULT_CACHE_TTL_S",
     "DEFAULT_CALL_TIMEOUT_S",
     "DEFAULT_CHECKPOINT_DIR",
     "DEFAULT_EMBEDDED_CONCURRENCY",
@@ -91,6 +93,9 @@ DEFAULT_CHECKPOINT_DIR = ".racto"
 DEFAULT_PUBLISH_WINDOW = 100_000
 #: A prompt longer than this is refused before anything is sent.
 DEFAULT_MAX_PROMPT_CHARS = 1_000_000
+#: How long the pay-once ledger keeps an answer, and how many answers it keeps at most (oldest dropped first).
+DEFAULT_CACHE_TTL_S = 30 * 24 * 3600.0
+DEFAULT_CACHE_MAX_ENTRIES = 250_000
 #: Threads of the embedded (in-kernel) worker: calls in flight inside the kernel.
 DEFAULT_EMBEDDED_CONCURRENCY = 32
 #: Threads of each worker process (``celery -A racto_nb.app worker``, ``%racto_workers start``): calls in flight.
@@ -169,6 +174,12 @@ class RactoConfig(BaseModel):
         default=DEFAULT_PUBLISH_WINDOW, ge=0, description="Rows a batch keeps sent and unfinished at most; 0: all."
     )
     max_prompt_chars: int = Field(default=DEFAULT_MAX_PROMPT_CHARS, gt=0, description="Longest prompt sent.")
+    rpm: float | None = Field(default=None, gt=0, description="Requests per minute the whole fleet may send.")
+    tpm: float | None = Field(default=None, gt=0, description="Tokens per minute the whole fleet may send.")
+    price_in_per_mtok: float | None = Field(default=None, ge=0, description="Dollars per million input tokens.")
+    price_out_per_mtok: float | None = Field(default=None, ge=0, description="Dollars per million output tokens.")
+    cache_ttl_s: float = Field(default=DEFAULT_CACHE_TTL_S, gt=0, description="How long the ledger keeps an answer.")
+    cache_max_entries: int = Field(default=DEFAULT_CACHE_MAX_ENTRIES, gt=0, description="Answers the ledger keeps.")
     visibility_timeout_s: float = Field(
         default=DEFAULT_STALE_AFTER_S,
         gt=0,

@@ -26,6 +26,8 @@ class TaskStatus(str, Enum):
     FAILURE = "failure"
     RETRY = "retry"
     REVOKED = "revoked"
+    #: Not run, not failed: waiting for quota or budget until the batch is resumed (racto_nb's own state).
+    PAUSED = "paused"
 
     @property
     def is_final(self) -> bool:
@@ -64,9 +66,7 @@ class TaskResult(BaseModel):
     retry_in_s: float | None = Field(
         default=None, description="While status is RETRY: seconds until the next attempt (at read time)."
     )
-    latency_s: float | None = Field(
-        default=None, description="Duration of the attempt that produced the result."
-    )
+    latency_s: float | None = Field(default=None, description="Duration of the attempt that produced the result.")
     custom_id: str | None = Field(default=None, description="Batch item's own id, as given in BatchItem.")
     index: int | None = Field(default=None, description="Batch item's position in submission order.")
     deliveries: int | None = Field(
@@ -75,6 +75,9 @@ class TaskResult(BaseModel):
         "may have reached the provider more than once.",
     )
     worker: str | None = Field(default=None, description="The worker (node name) that ran or is running it.")
+    cached: bool = Field(default=False, description="Answered from the ledger: not sent, not paid for again.")
+    cost_usd: float | None = Field(default=None, description="What the call cost (0 when cached; None: no price).")
+    saved_usd: float | None = Field(default=None, description="When cached: what the answer cost when it was paid.")
 
     @property
     def ok(self) -> bool:
@@ -163,6 +166,9 @@ class ChatResponse(BaseModel):
     usage: dict[str, int] = Field(default_factory=dict)
     finish_reason: str | None = None
     model: str | None = None
+    rate_limits: dict[str, str] | None = Field(
+        default=None, description="The provider's x-ratelimit-* headers, read by the rate governor (not stored)."
+    )
 
 
 class BatchProgress(BaseModel):
@@ -183,6 +189,12 @@ class BatchProgress(BaseModel):
     finished: bool = Field(default=False, description="Every task is final (or the batch was cancelled).")
     cancelled: bool = False
     submitted: int | None = Field(default=None, description="Tasks handed to the broker so far.")
+    skipped: int = Field(default=0, description="Rows not sent (missing values): part of the result, not tasks.")
+    paused: bool = Field(default=False, description="Waiting for quota or budget: resume() sends the rest.")
+    pause_reason: str | None = None
+    cost_usd: float = Field(default=0.0, description="Dollars spent on the rows final so far (priced models only).")
+    cached: int = Field(default=0, description="Rows answered from the ledger (or by a twin in the batch).")
+    saved_usd: float = Field(default=0.0, description="What the cached rows cost when they were first paid for.")
     note: str | None = Field(
         default=None, description="What the batch is doing about a problem right now (a backend reconnecting, ...)."
     )
@@ -195,3 +207,9 @@ class BatchProgress(BaseModel):
     def done(self) -> int:
         """Tasks in a final state."""
         return sum(n for status, n in self.counts.items() if status.is_final)
+
+    @property
+    def settled(self) -> bool:
+        """Nothing more happens by itself: every task is final, or the batch is paused and nothing runs."""
+        running = self.count(TaskStatus.STARTED) + self.count(TaskStatus.RETRY)
+        return self.finished or (self.paused and running == 0)

@@ -61,9 +61,7 @@ def test_series_runs_as_its_values_and_keeps_the_index(
 
 
 def test_list_source_and_a_template_over_a_named_series(worker: RactoCeleryWorker, unique_case: str) -> None:
-    listed = api.run_batch(
-        [f"a [case:{unique_case}]", f"b [case:{unique_case}]"], worker=worker, progress="none"
-    )
+    listed = api.run_batch([f"a [case:{unique_case}]", f"b [case:{unique_case}]"], worker=worker, progress="none")
     named = api.run_batch(
         pd.Series(["x"], name="review"),
         f"Classify: {{review}} [case:{unique_case}]",
@@ -77,9 +75,7 @@ def test_list_source_and_a_template_over_a_named_series(worker: RactoCeleryWorke
 
 
 def test_write_back_and_custom_ids_from_the_frame(worker: RactoCeleryWorker, unique_case: str) -> None:
-    df = pd.DataFrame(
-        {"review": ["good", "bad", None], "id": ["r1", "r2", "r3"]}, index=pd.Index([1, 1, 2], name="k")
-    )
+    df = pd.DataFrame({"review": ["good", "bad", None], "id": ["r1", "r2", "r3"]}, index=pd.Index([1, 1, 2], name="k"))
 
     result = api.run_batch(
         df,
@@ -148,10 +144,10 @@ def test_bad_input_fails_before_anything_is_sent(
 ) -> None:
     df = pd.DataFrame({"review": ["good"], "author": ["a"], "id": ["1"]})
     client = redis_server.client()
-    before = set(client.keys("racto-nb-batch-*"))
+    before = set(client.keys("racto:batch:*"))
     with pytest.raises(error, match=message):
         call(worker, df)
-    assert set(client.keys("racto-nb-batch-*")) == before
+    assert set(client.keys("racto:batch:*")) == before
     client.close()
 
 
@@ -162,9 +158,7 @@ def test_background_run_fills_the_result_and_its_thread_ends(
     done: list[pd.DataFrame] = []
     df = pd.DataFrame({"text": [f"{i} [case:{unique_case}]" for i in range(6)]}, index=list("aabbcc"))
 
-    run = api.run_batch(
-        df, "{text}", worker=worker, wait=False, progress="none", on_done=done.append, write_back="out"
-    )
+    run = api.run_batch(df, "{text}", worker=worker, wait=False, progress="none", on_done=done.append, write_back="out")
 
     assert isinstance(run, BatchRun) and run.watching
     with pytest.raises(RuntimeError, match=r"still running: wait with run\.done\.wait"):
@@ -182,9 +176,7 @@ def test_stop_watching_ends_the_thread_and_leaves_the_batch_running(
     worker: RactoCeleryWorker, fake_openai: FakeOpenAIServer, unique_case: str
 ) -> None:
     fake_openai.script(unique_case, [], latency_s=0.5)
-    run = api.run_batch(
-        [f"{i} [case:{unique_case}]" for i in range(3)], worker=worker, wait=False, progress="none"
-    )
+    run = api.run_batch([f"{i} [case:{unique_case}]" for i in range(3)], worker=worker, wait=False, progress="none")
 
     run.stop_watching()
 
@@ -202,16 +194,14 @@ def test_widget_buttons_retry_into_the_same_frame(
     df = pd.DataFrame({"text": [f"ok [case:{unique_case}]", f"no [case:{bad}]"]})
     rows = api.prepare_rows(df, "{text}", write_back="out")
     batch = Batch.submit(worker, rows)
-    run = BatchRun(
-        batch, progress="widget", on_done=calls.append, write_back=rows.write_back, interval_s=0.05
-    )
+    run = BatchRun(batch, progress="widget", on_done=calls.append, write_back=rows.write_back, interval_s=0.05)
     run.show()
 
     frame = run.wait()
 
     view = run.view
     assert isinstance(view, WidgetProgressView)
-    assert view.bar.value == 2 and view.bar.max == 2 and view.bar.bar_style == "danger"
+    assert "2/2" in view.bar.value and "Finished — 1 failed" in view.state.value
     assert view.counts[TaskStatus.FAILURE].value == "failure: 1"
     assert view.counts[TaskStatus.FAILURE].style.text_color == "#c62828"
     assert not view.retry_button.disabled and view.cancel_button.disabled
@@ -225,7 +215,7 @@ def test_widget_buttons_retry_into_the_same_frame(
     assert len(calls) == 2 and calls[1] is frame  # the same DataFrame object, updated in place
     assert list(frame["status"]) == ["success", "success"]
     assert df["out"].iloc[1] == f"echo: no [case:{bad}]"
-    assert view.bar.bar_style == "success" and view.bar.description == "2/2"
+    assert "2/2" in view.bar.value and view.state.value.endswith(">Finished</b>")
     assert settle_threads() == []
 
 
@@ -249,7 +239,8 @@ def test_cancel_button_in_background_mode(
     frame = run.result()
     assert done and done[0] is frame
     assert (frame["status"] == "revoked").sum() > 0
-    assert run.view.bar.bar_style == "warning" and run.view.cancel_button.disabled
+    revoked = int((frame["status"] == "revoked").sum())
+    assert f"Cancelled — {revoked} revoked" in run.view.state.value and run.view.cancel_button.disabled
 
 
 def test_keyboard_interrupt_stops_waiting_and_says_how_to_reattach(
@@ -297,9 +288,7 @@ def test_attach_returns_a_run_with_rows_so_far(
     worker: RactoCeleryWorker, fake_openai: FakeOpenAIServer, unique_case: str
 ) -> None:
     fake_openai.script(unique_case, [], latency_s=0.5)
-    first = api.run_batch(
-        [f"{i} [case:{unique_case}]" for i in range(3)], worker=worker, wait=False, progress="none"
-    )
+    first = api.run_batch([f"{i} [case:{unique_case}]" for i in range(3)], worker=worker, wait=False, progress="none")
     first.stop_watching()
 
     run = api.attach(first.batch_id, worker=worker, progress="none")
@@ -312,13 +301,9 @@ def test_attach_returns_a_run_with_rows_so_far(
         api.attach("not-a-batch", worker=worker)
 
 
-def test_attach_with_cancel(
-    worker: RactoCeleryWorker, fake_openai: FakeOpenAIServer, unique_case: str
-) -> None:
+def test_attach_with_cancel(worker: RactoCeleryWorker, fake_openai: FakeOpenAIServer, unique_case: str) -> None:
     fake_openai.script(unique_case, [], latency_s=0.6)
-    first = api.run_batch(
-        [f"{i} [case:{unique_case}]" for i in range(30)], worker=worker, wait=False, progress="none"
-    )
+    first = api.run_batch([f"{i} [case:{unique_case}]" for i in range(30)], worker=worker, wait=False, progress="none")
     first.stop_watching()
 
     frame = api.attach(first.batch_id, worker=worker, wait=True, cancel=True, progress="none")
@@ -385,9 +370,7 @@ def test_generate_in_the_background_calls_back_once(
     fake_openai.script(unique_case, [], latency_s=0.3)
     got: list[TaskResult] = []
 
-    run = api.generate(
-        f"bg [case:{unique_case}]", worker=worker, wait=False, progress="none", on_done=got.append
-    )
+    run = api.generate(f"bg [case:{unique_case}]", worker=worker, wait=False, progress="none", on_done=got.append)
 
     assert isinstance(run, TaskRun)
     assert run.done.wait(10) and settle_threads() == []

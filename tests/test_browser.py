@@ -145,15 +145,22 @@ def drive_and_check(page: Any, lab: JupyterLab) -> None:
     assert match, printed.inner_text()
     batch_id = match.group(1)
 
-    panel = page.locator(".jp-OutputArea-output > .widget-vbox", has=page.locator(".widget-hprogress"))
+    panel = page.locator(".jp-OutputArea-output .racto-progress")
     expect(panel).to_have_count(1)
     expect(panel).to_be_visible()
     expect(panel).to_contain_text(f"%racto_batch --attach {batch_id}")
     expect(panel).to_contain_text("browser test")
-    bar = panel.locator(".widget-hprogress")
-    expect(bar.locator(".widget-label")).to_have_text("10/10")
-    expect(bar.locator(".progress-bar")).to_have_class(re.compile(r"\bprogress-bar-danger\b"))
-    expect(bar.locator(".progress-bar")).to_have_attribute("style", re.compile(r"width: 100%"))
+    state = panel.locator(".racto-state")
+    bar = panel.locator(".racto-bar")
+    expect(state).to_have_text("Finished — 2 failed")
+    expect(bar).to_contain_text("10/10")
+
+    def segment(title: str) -> Any:
+        return bar.locator(f"div[title='{title}']")
+
+    # One segment per state, sized by its share: two failures are a fifth of the bar, not a red bar.
+    expect(segment("success: 8")).to_have_attribute("style", re.compile(r"width:\s*80(\.0+)?%"))
+    expect(segment("failure: 2")).to_have_attribute("style", re.compile(r"width:\s*20(\.0+)?%"))
 
     def count(state: str) -> Any:
         return panel.locator(".widget-html-content", has_text=re.compile(rf"^{state}: "))
@@ -170,6 +177,8 @@ def drive_and_check(page: Any, lab: JupyterLab) -> None:
     retry.click()
     expect(count("success")).to_have_text("success: 10", timeout=20_000)
     expect(count("failure")).to_have_text("failure: 0")
-    expect(bar.locator(".progress-bar")).to_have_class(re.compile(r"\bprogress-bar-success\b"))
+    expect(state).to_have_text("Finished")
+    expect(segment("success: 10")).to_have_attribute("style", re.compile(r"width:\s*100(\.0+)?%"))
+    expect(segment("failure: 2")).to_have_count(0)
     expect(panel.get_by_role("button", name="Retry submitted")).to_be_disabled()
     expect(page.get_by_text("Error displaying widget")).to_have_count(0)

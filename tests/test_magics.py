@@ -67,9 +67,7 @@ def test_load_ext_registers_the_magics_and_their_config(shell: InteractiveShell)
     assert len(config) == 1 and config[0].progress == "none"
 
 
-def test_line_magic_over_a_column_stores_a_frame_indexed_like_it(
-    ip: InteractiveShell, unique_case: str
-) -> None:
+def test_line_magic_over_a_column_stores_a_frame_indexed_like_it(ip: InteractiveShell, unique_case: str) -> None:
     ip.user_ns["df"] = df = _frame(unique_case)
 
     returned = ip.run_line_magic("racto_batch", 'df["review"] --out labels')
@@ -106,10 +104,7 @@ def test_cell_magic_template_names_the_row_columns(ip: InteractiveShell, unique_
 
     labels = ip.user_ns["labels"]
     assert labels.index.equals(index)
-    assert (
-        labels["content"].iloc[0]
-        == f"echo: Classify the sentiment of this review by ann: good [case:{unique_case}]"
-    )
+    assert labels["content"].iloc[0] == f"echo: Classify the sentiment of this review by ann: good [case:{unique_case}]"
     assert labels["content"].iloc[2] == "echo: Classify the sentiment of this review by cy: "
     assert list(labels["custom_id"]) == ["ann", "bob", "cy"]
 
@@ -137,6 +132,12 @@ def test_cell_magic_template_names_the_row_columns(ip: InteractiveShell, unique_
         ("--attach no-such-batch", None, "no batch 'no-such-batch'"),
         ("df", None, "a DataFrame needs a template"),
         ('df["review"] --write-back review', None, "would overwrite the column"),
+        ('df["review"] --max-cost 5', None, "max_cost_usd needs a price for model .* set RACTO_PRICE_IN_PER_MTOK"),
+        ('df["review"] --max-cost -1', None, "max_cost_usd must be a number of dollars > 0"),
+        ('df["review"] --resume', None, "--resume goes with --attach"),
+        ("--attach x --resume --cancel", None, "pull opposite ways"),
+        ("--attach x --max-cost 3", None, "add --resume"),
+        ('df["review"] --estimate --background', None, "--estimate sends nothing"),
     ],
 )
 def test_bad_input_is_a_one_line_usage_error_and_nothing_is_sent(
@@ -145,7 +146,7 @@ def test_bad_input_is_a_one_line_usage_error_and_nothing_is_sent(
     ip.user_ns["df"] = _frame("never-sent")
     ip.user_ns["empty"] = _frame("never-sent").iloc[:0]
     client = redis_server.client()
-    before = set(client.keys("racto-nb-batch-*"))
+    before = set(client.keys("racto:batch:*"))
 
     with pytest.raises(UsageError, match=message) as info:
         if cell is None:
@@ -154,8 +155,38 @@ def test_bad_input_is_a_one_line_usage_error_and_nothing_is_sent(
             ip.run_cell_magic("racto_batch", line, cell)
 
     assert "\n" not in str(info.value)
-    assert set(client.keys("racto-nb-batch-*")) == before
+    assert set(client.keys("racto:batch:*")) == before
     client.close()
+
+
+def test_estimate_sends_nothing_and_says_what_would_be_sent(
+    ip: InteractiveShell, fake_openai: FakeOpenAIServer, unique_case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ip.user_ns["df"] = _frame(unique_case)
+
+    ip.run_line_magic("racto_batch", 'df["review"] --estimate --out guess')
+
+    guess = ip.user_ns["guess"]
+    assert (guess.rows, guess.sent) == (3, 2)  # the None row would be skipped
+    assert guess.prompt_tokens > 0 and guess.cost_usd_high is None  # the test model has no price
+    assert "2 of 3 rows would be sent" in capsys.readouterr().out
+    assert fake_openai.count(unique_case) == 0
+
+
+def test_a_re_run_cell_is_answered_by_the_ledger_unless_no_cache(
+    ip: InteractiveShell, fake_openai: FakeOpenAIServer, unique_case: str
+) -> None:
+    ip.user_ns["df"] = _frame(unique_case)
+    ip.run_line_magic("racto_batch", 'df["review"] --out first')
+    ip.run_line_magic("racto_batch", 'df["review"] --out again')
+    assert fake_openai.count(unique_case) == 2
+    assert list(ip.user_ns["again"]["cached"]) == [True, True, False]  # the skipped row is not an answer
+
+    ip.run_line_magic("racto_batch", 'df["review"] --out fresh --no-cache')
+
+    assert fake_openai.count(unique_case) == 4
+    assert not ip.user_ns["fresh"]["cached"].any()
+    assert list(ip.user_ns["fresh"]["content"]) == list(ip.user_ns["first"]["content"])
 
 
 def test_usage_errors_show_no_traceback(ip: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> None:
@@ -182,10 +213,7 @@ def test_generate_fills_names_renders_markdown_and_stores_the_result(
     )
 
     summary = ip.user_ns["summary"]
-    prompt = (
-        'Summarise this report in three bullets: Q3 revenue rose 4%. as {"json": true} '
-        + f"[case:{unique_case}]"
-    )
+    prompt = 'Summarise this report in three bullets: Q3 revenue rose 4%. as {"json": true} ' + f"[case:{unique_case}]"
     assert isinstance(summary, TaskResult) and summary.status is TaskStatus.SUCCESS
     assert summary.content == f"[system: Be brief.] echo: {prompt}"
     assert sent_messages(fake_openai, unique_case) == [prompt]
@@ -243,10 +271,7 @@ def test_background_batch_returns_at_once_and_fills_the_variable(
         time.sleep(0.02)
     labels = ip.user_ns["labels"]
     assert labels.index.equals(df.index) and list(labels["status"]) == ["success", "success", "skipped"]
-    assert (
-        f"batch {handle.batch_id} runs in the background; labels holds the result frame"
-        in capsys.readouterr().out
-    )
+    assert f"batch {handle.batch_id} runs in the background; labels holds the result frame" in capsys.readouterr().out
     assert settle_threads() == []
 
 

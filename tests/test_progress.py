@@ -21,11 +21,13 @@ from racto_nb.notebook.views import (
     TextProgressView,
     View,
     WidgetProgressView,
+    bar_style,
     fmt_counts,
     fmt_duration,
     fmt_rate,
     fmt_stats,
     make_view,
+    shares,
 )
 
 S = TaskStatus
@@ -110,9 +112,7 @@ def test_fmt_duration(seconds: float, text: str) -> None:
     assert fmt_duration(seconds) == text
 
 
-@pytest.mark.parametrize(
-    ("rate", "text"), [(12.34, "12.3/s"), (99.94, "99.9/s"), (250.4, "250/s"), (0.02, "1.2/min")]
-)
+@pytest.mark.parametrize(("rate", "text"), [(12.34, "12.3/s"), (99.94, "99.9/s"), (250.4, "250/s"), (0.02, "1.2/min")])
 def test_fmt_rate(rate: float, text: str) -> None:
     assert fmt_rate(rate) == text
 
@@ -130,11 +130,11 @@ def test_fmt_stats_leaves_out_what_is_unknown() -> None:
 def test_widget_running() -> None:
     view = widget_view(title="summaries")
     view.update(RUNNING)
-    assert (view.bar.value, view.bar.max, view.bar.bar_style) == (20, 40, "")
-    assert view.bar.description == "20/40"
-    assert [
-        view.counts[s].value for s in (S.PENDING, S.STARTED, S.RETRY, S.SUCCESS, S.FAILURE, S.REVOKED)
-    ] == [
+    assert "20/40" in view.bar.value and view.state.value == "<b>Running</b>"
+    assert shares(RUNNING)[S.SUCCESS] == 19 / 40 and shares(RUNNING)[S.FAILURE] == 1 / 40
+    assert "width:47.500%;background:#2e7d32" in view.bar.value  # success's share, in green
+    assert "width:2.500%;background:#c62828" in view.bar.value  # one failure is a sliver of red
+    assert [view.counts[s].value for s in (S.PENDING, S.STARTED, S.RETRY, S.SUCCESS, S.FAILURE, S.REVOKED)] == [
         "pending: 10",
         "started: 8",
         "retry: 2",
@@ -151,15 +151,19 @@ def test_widget_running() -> None:
 
 
 @pytest.mark.parametrize(
-    ("progress", "style", "retry_enabled"),
-    [(DONE_OK, "success", False), (DONE_FAIL, "danger", True), (CANCELLED, "warning", True)],
+    ("progress", "state", "retry_enabled"),
+    [
+        (DONE_OK, "Finished", False),
+        (DONE_FAIL, "Finished — 3 failed", True),
+        (CANCELLED, "Cancelled — 28 revoked", True),
+    ],
 )
-def test_widget_end_states(progress: BatchProgress, style: str, retry_enabled: bool) -> None:
+def test_widget_end_states(progress: BatchProgress, state: str, retry_enabled: bool) -> None:
     view = widget_view()
     view.update(RUNNING)
     view.update(progress)
-    assert view.bar.bar_style == style
-    assert view.bar.value == progress.done
+    assert state in view.state.value
+    assert f"{progress.done}/40" in view.bar.value
     assert view.cancel_button.disabled is True
     assert view.retry_button.disabled is (not retry_enabled)
 
@@ -167,21 +171,50 @@ def test_widget_end_states(progress: BatchProgress, style: str, retry_enabled: b
 def test_widget_revoked_without_cancel_is_danger() -> None:
     view = widget_view()
     view.update(snap(success=39, revoked=1, finished=True))
-    assert view.bar.bar_style == "danger"
+    assert bar_style(view.last) == "danger" and "#c62828" in view.state.value
     assert view.retry_button.disabled is True  # nothing *failed*, so nothing to retry
 
 
 def test_widget_empty_batch_does_not_divide_by_zero() -> None:
     view = widget_view()
     view.update(snap(total=0, finished=True, rate_per_s=None, eta_s=None))
-    assert (view.bar.value, view.bar.max, view.bar.bar_style) == (1, 1, "success")
+    assert "0/0" in view.bar.value and "Finished" in view.state.value
+
+
+def test_widget_counts_skipped_cached_and_dollars_and_shows_the_note() -> None:
+    view = widget_view()
+    progress = snap(success=40, finished=True, eta_s=None).model_copy(
+        update={"skipped": 2, "cached": 5, "cost_usd": 0.0123, "saved_usd": 0.002, "note": "a worker died"}
+    )
+    view.update(progress)
+    assert view.skipped.value == "skipped: 2"
+    assert "$0.0123 spent" in view.stats.value and "5 cached, $0.0020 saved" in view.stats.value
+    assert "a worker died" in view.note.value
+
+
+def test_paused_batch_offers_resume_once() -> None:
+    calls: list[str] = []
+    view = WidgetProgressView(on_resume=lambda: calls.append("resume"))
+    assert view.resume_button.layout.display == "none"
+    paused = snap(success=10, paused=30).model_copy(update={"paused": True, "pause_reason": "out of quota"})
+    view.update(paused)
+    assert "Paused — out of quota" in view.state.value and view.counts[S.PAUSED].value == "paused: 30"
+    assert view.resume_button.layout.display is None and view.resume_button.disabled is False
+    view.resume_button.click()
+    view.resume_button.click()
+    assert calls == ["resume"]
+
+
+def test_widget_repr_html_keeps_the_last_state() -> None:
+    view = widget_view(title="t")
+    view.update(DONE_FAIL)
+    text = view._repr_html_()
+    assert "Finished — 3 failed" in text and "40/40" in text and "failure: 3" in text
 
 
 def test_buttons_call_callbacks_once() -> None:
     calls: list[str] = []
-    view = WidgetProgressView(
-        on_cancel=lambda: calls.append("cancel"), on_retry_failed=lambda: calls.append("retry")
-    )
+    view = WidgetProgressView(on_cancel=lambda: calls.append("cancel"), on_retry_failed=lambda: calls.append("retry"))
     view.update(RUNNING)
     view.cancel_button.click()
     view.cancel_button.click()
@@ -210,7 +243,7 @@ def test_close_draws_final_and_freezes() -> None:
     view.update(RUNNING)
     view.close(DONE_FAIL)
     view.update(RUNNING)  # a late poll cannot paint over the final state
-    assert view.bar.value == 40 and view.bar.bar_style == "danger"
+    assert "40/40" in view.bar.value and "3 failed" in view.state.value
     assert view.retry_button.disabled is False  # still usable after close
 
 
@@ -220,8 +253,8 @@ def test_update_sends_one_bar_message() -> None:
     bar_comm.messages.clear()
     view.update(RUNNING)
     states = [data["state"] for data, _ in bar_comm.messages if data.get("method") == "update"]
-    assert len(states) == 1  # hold_sync: value and max travel together
-    assert states[0]["value"] == 20 and states[0]["max"] == 40
+    assert len(states) == 1  # the whole bar is one value: the front-end never sees half of it
+    assert "20/40" in states[0]["value"]
 
 
 def test_background_thread_update_carries_the_cell_parent() -> None:
@@ -247,7 +280,7 @@ def test_background_thread_update_carries_the_cell_parent() -> None:
     thread.start()
     thread.join(timeout=10)
     assert not errors
-    assert view.bar.value == 20
+    assert "20/40" in view.bar.value
     assert [seen for _, seen in bar_comm.messages] == ["cell-1"]
 
     # Without the captured context a bare thread sees the latest parent: the bug being avoided.
@@ -265,6 +298,7 @@ def test_display_recaptures_the_displaying_context() -> None:
     RecordingComm.probe = var.get
     var.set("built")
     view = widget_view()
+    view.bar.comm.messages.clear()  # what building the view sent belongs to the building cell
     var.set("shown")
     view._ctx.capture()  # what display() does before display(box), without needing a frontend
     thread = threading.Thread(target=view.update, args=(RUNNING,))

@@ -51,13 +51,16 @@ from celery.utils import uuid
 
 from racto_nb.batch.checkpoint import INPUT_PART_ROWS, Checkpoint
 from racto_nb.batch.rows import Rows
+from racto_nb.batch.twins import Twins, request_hashes
 from racto_nb.config import load_config
+from racto_nb.costs.governor import Budget
 from racto_nb.engine.chunks import ChunkPayload, RowSpec, chunk_spans, rows_per_chunk
 from racto_nb.engine.keys import (
     batch_key,
     cancel_key,
     chunk_task_id,
     events_key,
+    pause_key,
     published_key,
     publisher_key,
     row_id,
@@ -73,6 +76,7 @@ from racto_nb.models import (
     BatchItem,
     BatchProgress,
     ChatConfig,
+    Message,
     TaskResult,
     TaskStatus,
 )
@@ -101,10 +105,12 @@ FRAME_COLUMNS = [
     "total_tokens",
     "custom_id",
     "deliveries",
+    "cached",
+    "cost_usd",
 ]
 
 # Row states as the batch keeps them, one byte per row.
-PENDING, STARTED, RETRY, SUCCESS, FAILURE, REVOKED, SKIPPED = range(7)
+PENDING, STARTED, RETRY, SUCCESS, FAILURE, REVOKED, SKIPPED, PAUSED = range(8)
 _FINAL = (SUCCESS, FAILURE, REVOKED)
 _STATUS_OF_CODE = {
     PENDING: TaskStatus.PENDING,
@@ -113,9 +119,10 @@ _STATUS_OF_CODE = {
     SUCCESS: TaskStatus.SUCCESS,
     FAILURE: TaskStatus.FAILURE,
     REVOKED: TaskStatus.REVOKED,
+    PAUSED: TaskStatus.PAUSED,
 }
 _CODE_OF_STATUS = {status: code for code, status in _STATUS_OF_CODE.items()}
-_CODE_OF_EVENT = {"S": STARTED, "R": RETRY, "D": SUCCESS, "F": FAILURE, "V": REVOKED}
+_CODE_OF_EVENT = {"S": STARTED, "R": RETRY, "D": SUCCESS, "F": FAILURE, "V": REVOKED, "P": PAUSED}
 
 #: Rows sent and unfinished at most (``RACTO_PUBLISH_WINDOW``; 0: no limit).
 DEFAULT_WINDOW = 100_000
@@ -184,7 +191,7 @@ class Batch:
         n = len(index)
         self.status = np.where(skipped, SKIPPED, PENDING).astype(np.int8)
         self.round_of = np.zeros(n, dtype=np.int16)
-        self.counts = dict.fromkeys(range(7), 0)
+        self.counts = dict.fromkeys(range(8), 0)
         self.counts[SKIPPED] = int(skipped.sum())
         self.counts[PENDING] = n - self.counts[SKIPPED]
         sendable = np.flatnonzero(~skipped)
@@ -192,6 +199,13 @@ class Batch:
         self.cancelled = False
         self.publish_error: BaseException | None = None
         self.note: str | None = None
+        opts = manifest.get("opts") or {}
+        #: Answer rows from the pay-once ledger and send twins once (``cache=False`` turns both off).
+        self.cache = bool(opts.get("cache", True))
+        self.max_cost_usd: float | None = opts.get("max_cost_usd")
+        self.twins = Twins.none(n)
+        self.pause_reason: str | None = None
+        self.spent = {"cost_usd": 0.0, "saved_usd": 0.0, "cached": 0}
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stop_publishing = threading.Event()
@@ -210,6 +224,7 @@ class Batch:
         self._rows: Rows | None = None
         self._spooled = threading.Event()
         self._resend: list[list[tuple[_Round, int]]] = []
+        self._pause_read_at = 0.0
 
     def __repr__(self) -> str:
         return f"<Batch {self.batch_id} rows={len(self.index)} tasks={self.total}>"
@@ -230,6 +245,8 @@ class Batch:
         window: int | None = None,
         checkpoint_dir: str | Path | None = None,
         title: str = "",
+        cache: bool = True,
+        max_cost_usd: float | None = None,
     ) -> Batch:
         """Save the manifest, then checkpoint the inputs and publish them (in a daemon thread by default).
 
@@ -260,12 +277,15 @@ class Batch:
             "checkpoint": str(checkpoint.path),
             "host": socket.gethostname(),
             "title": title,
+            "opts": {"cache": cache, "max_cost_usd": max_cost_usd},
         }
         batch = cls(
             worker, batch_id=batch_id, manifest=manifest, checkpoint=checkpoint, index=rows.index, skipped=rows.skipped
         )
         batch._rows = rows
         batch.save_manifest()
+        if max_cost_usd is not None:
+            batch._budget().set_cap(float(max_cost_usd))
         checkpoint.write_index(rows.index)
         batch._start_publisher(background=background)
         return batch
@@ -317,16 +337,14 @@ class Batch:
 
     def _restore(self, lost: bool) -> None:
         """State after an attach: rounds, what was sent, final rows from the checkpoint, the rest from the backend."""
-        for number in range(1, int(self.manifest.get("rounds", 1))):
-            positions = np.asarray(self.checkpoint.read_round(number), dtype=np.int64)
-            self.rounds.append(_Round(number, positions, chunk_spans(len(positions), self.size)))
-            self.round_of[positions] = number
+        leaders = self.checkpoint.read_twins()
+        if leaders is not None:
+            self._adopt_twins(Twins(np.asarray(leaders, dtype=np.int64)))
+        self._adopt_rounds(int(self.manifest.get("rounds", 1)))
         self.cancelled = self.store.exists(cancel_key(self.batch_id))
-        marks = {} if lost else self.store.hgetall(published_key(self.batch_id))
-        for round_ in self.rounds:
-            round_.published = min(int(marks.get(str(round_.number), 0)), len(round_.spans))
-            for chunk in range(round_.published):
-                round_.sent_at[chunk] = time.monotonic() - VANISHED_AFTER_S  # old enough to be checked at once
+        self._read_pause()
+        if not lost:
+            self._read_published_marks()
         done = self.checkpoint.results()
         if done.num_rows:
             frame = done.select(["position", "round", "status"]).to_pandas().drop_duplicates("position", keep="last")
@@ -339,6 +357,53 @@ class Batch:
             self._resend_unfinished("the result backend lost this batch")
         self._rescan()
 
+    def _adopt_rounds(self, count: int) -> list[int]:
+        """Take in rounds ``len(self.rounds)`` to ``count - 1`` from the checkpoint; returns their positions.
+
+        At attach, these are the rounds the batch already had; while following,
+        the ones another kernel added (its "Retry failed" or resume), so this
+        kernel's view does not wait forever on rows now sent under new ids.
+        """
+        adopted: list[int] = []
+        for number in range(len(self.rounds), count):
+            positions = np.asarray(self.checkpoint.read_round(number), dtype=np.int64)
+            sent = positions[~self.twins.is_twin(positions)]
+            self.rounds.append(_Round(number, sent, chunk_spans(len(sent), self.size)))
+            self.round_of[positions] = number
+            adopted.extend(positions.tolist())
+        return adopted
+
+    def _read_published_marks(self) -> None:
+        """What every kernel has handed to the broker so far (a kernel taking over sending must not resend it)."""
+        marks = self.store.hgetall(published_key(self.batch_id))
+        for round_ in self.rounds:
+            seen = min(int(marks.get(str(round_.number), 0)), len(round_.spans))
+            for chunk in range(round_.published, seen):
+                round_.sent_at[chunk] = time.monotonic() - VANISHED_AFTER_S  # old enough to be checked at once
+            round_.published = max(round_.published, seen)
+
+    def _follow_manifest(self) -> None:
+        """Read the manifest again: rounds and a cap another kernel added, or a backend that lost the batch."""
+        raw = self.store.get(batch_key(self.batch_id))
+        if raw is None:
+            self._back_online()
+            return
+        manifest = json.loads(raw)
+        count = int(manifest.get("rounds", 1))
+        if count > len(self.rounds):
+            adopted = self._adopt_rounds(count)
+            for position in adopted:
+                self._set(position, PENDING)
+            self._to_confirm.update(adopted)  # their events may have gone by while this kernel read old ids
+            self.manifest["rounds"] = count
+            self._finished_at = None
+            self._read_published_marks()
+            self._start_publisher(background=True)  # it follows the other kernel's sending, and takes over if it stops
+        cap = (manifest.get("opts") or {}).get("max_cost_usd")
+        if cap != self.max_cost_usd:
+            self.max_cost_usd = cap
+            self.manifest.setdefault("opts", {})["max_cost_usd"] = cap
+
     def _fail_unrecorded(self) -> None:
         """Rows the submitting kernel never checkpointed (it died within its first seconds) cannot be sent."""
         if self.checkpoint.inputs_complete():
@@ -347,14 +412,17 @@ class Batch:
         for round_ in self.rounds:
             if round_.number == 0:
                 for position in round_.positions[round_.positions >= recorded].tolist():
-                    self._record(position, TaskResult(
-                        task_id=row_id(self.batch_id, position),
-                        status=TaskStatus.FAILURE,
-                        error="never recorded: the kernel that submitted the batch stopped before checkpointing this "
-                        "row; run the cell again for these rows",
-                        error_type="NotRecorded",
-                        index=position,
-                    ))
+                    self._record(
+                        position,
+                        TaskResult(
+                            task_id=row_id(self.batch_id, position),
+                            status=TaskStatus.FAILURE,
+                            error="never recorded: the kernel that submitted the batch stopped before "
+                            "checkpointing this row; run the cell again for these rows",
+                            error_type="NotRecorded",
+                            index=position,
+                        ),
+                    )
                 round_.positions = round_.positions[round_.positions < recorded]
                 round_.spans = chunk_spans(len(round_.positions), self.size)
                 round_.published = min(round_.published, len(round_.spans))
@@ -403,6 +471,10 @@ class Batch:
                     if foreground or self._stop_publishing.wait(2.0):
                         return
                     continue
+                if self._paused_now():
+                    if foreground or self._stop_publishing.wait(1.0):
+                        return
+                    continue
                 with self._lock:
                     chunks = self._resend.pop(0) if self._resend else self._next_chunks()
                 if chunks is None:
@@ -421,11 +493,23 @@ class Batch:
             if not foreground or not self._has_work():
                 self._release_publisher_lease()
 
+    def _paused_now(self) -> bool:
+        """The pause flag, read at most once a second by the publisher."""
+        now = time.monotonic()
+        if now - self._pause_read_at >= 1.0:
+            self._pause_read_at = now
+            self._read_pause()
+        return self.pause_reason is not None
+
     def _hold_publisher_lease(self) -> bool:
         key = publisher_key(self.batch_id)
         if self.store.renew(key, self._publisher_token, PUBLISHER_LEASE_S):
             return True
-        return self.store.set(key, self._publisher_token, ttl_s=PUBLISHER_LEASE_S, only_new=True)
+        if not self.store.set(key, self._publisher_token, ttl_s=PUBLISHER_LEASE_S, only_new=True):
+            return False
+        with self._lock:  # taking over from another kernel: start where it stopped
+            self._read_published_marks()
+        return True
 
     def _release_publisher_lease(self) -> None:
         try:
@@ -480,20 +564,28 @@ class Batch:
                         row[short] = own[key]  # type: ignore[literal-required]
             rows.append(row)
         flags = [cancel_key(self.batch_id), cancel_key(f"{self.batch_id}:{round_.number}")]
-        return self.worker.chunk(self.batch_id, "chat", self.manifest["defaults"], rows, events=True, flags=flags)
+        opts = {"cache": self.cache, "max_cost_usd": self.max_cost_usd, **(self.manifest.get("opts") or {})}
+        return self.worker.chunk(
+            self.batch_id, "chat", self.manifest["defaults"], rows, events=True, flags=flags, opts=opts
+        )
+
+    def _budget(self) -> Budget:
+        return self.worker.spending.budget(self.store, self.batch_id, float(self.max_cost_usd or 0.0))
 
     def _send(self, chunks: list[tuple[_Round, int]]) -> None:
         messages = [(chunk_task_id(self.batch_id, r.number, c), self._payload(r, c)) for r, c in chunks]
+        messages = [(chunk_id, payload) for chunk_id, payload in self._answer_known(messages) if payload["rows"]]
 
         def note(attempt: int, pause: float, exc: BaseException) -> None:
             self.note = f"the broker is not answering ({type(exc).__name__}); sending again in {pause:.0f} s"
 
-        retrying(
-            lambda: self.worker.publish(messages),
-            budget_s=self.publish_budget_s,
-            on_retry=note,
-            stop=self._stop_publishing,
-        )
+        if messages:
+            retrying(
+                lambda: self.worker.publish(messages),
+                budget_s=self.publish_budget_s,
+                on_retry=note,
+                stop=self._stop_publishing,
+            )
         self.note = None
         with self._lock:
             now = time.monotonic()
@@ -513,6 +605,56 @@ class Batch:
 
         retrying(mark, budget_s=self.publish_budget_s)
 
+    def _answer_known(self, messages: list[tuple[str, ChunkPayload]]) -> list[tuple[str, ChunkPayload]]:
+        """Rows the ledger already answers are recorded here and not sent (the worker would skip them anyway)."""
+        spending = self.worker.spending
+        ledger = spending.ledger(self.store) if self.cache else None
+        if ledger is None or not messages:
+            return messages
+        defaults = self.manifest["defaults"]
+        keyed: list[tuple[RowSpec, str]] = []
+        for _, payload in messages:
+            for row in payload["rows"]:
+                config = ChatConfig.model_construct(
+                    user_message=row["m"],
+                    temperature=row.get("t", defaults["temperature"]),
+                    max_tokens=row.get("k", defaults["max_tokens"]),
+                    history=[Message(**m) for m in defaults.get("history") or []],
+                    extra=row.get("x", defaults.get("extra") or {}),
+                )
+                fp = spending.fingerprint(config, (self.manifest.get("opts") or {}).get("output"))
+                if fp is not None:
+                    keyed.append((row, fp))
+        found = retrying(lambda: ledger.get_many([fp for _, fp in keyed]), budget_s=self.publish_budget_s)
+        answered: set[str] = set()
+        with self._lock:
+            for (row, _), entry in zip(keyed, found, strict=True):
+                if entry is None:
+                    continue
+                output = entry["output"]
+                self._record(
+                    int(row["p"]),
+                    TaskResult(
+                        task_id=row["id"],
+                        status=TaskStatus.SUCCESS,
+                        result=output,
+                        attempts=0,
+                        latency_s=0.0,
+                        custom_id=row.get("c"),
+                        index=row["p"],
+                        cached=True,
+                        cost_usd=0.0,
+                        saved_usd=entry.get("cost_usd"),
+                    ),
+                )
+                answered.add(row["id"])
+        if not answered:
+            return messages
+        return [
+            (chunk_id, {**payload, "rows": [r for r in payload["rows"] if r["id"] not in answered]})
+            for chunk_id, payload in messages
+        ]
+
     def _fail_unsent(self, exc: BaseException) -> None:
         """Rows the broker never took fail (locally, and in the backend if it answers): "Retry failed" sends them."""
         message = f"not submitted: the broker failed ({exc}); retry the failed rows"
@@ -526,13 +668,16 @@ class Batch:
             ]
             for round_, position in unsent:
                 if self.status[position] not in _FINAL:
-                    self._record(position, TaskResult(
-                        task_id=row_id(self.batch_id, position, round_.number),
-                        status=TaskStatus.FAILURE,
-                        error=message,
-                        error_type="SubmitError",
-                        index=position,
-                    ))
+                    self._record(
+                        position,
+                        TaskResult(
+                            task_id=row_id(self.batch_id, position, round_.number),
+                            status=TaskStatus.FAILURE,
+                            error=message,
+                            error_type="SubmitError",
+                            index=position,
+                        ),
+                    )
             for round_ in self.rounds:
                 round_.published = len(round_.spans)  # nothing left to send; "Retry failed" starts a new round
         try:
@@ -567,6 +712,8 @@ class Batch:
         assert rows is not None
         n = len(rows)
         parts = max(1, -(-n // INPUT_PART_ROWS))
+        high = np.zeros(n, dtype=np.uint64)
+        low = np.zeros(n, dtype=np.uint64)
         for part in range(parts):
             start, stop = part * INPUT_PART_ROWS, min((part + 1) * INPUT_PART_ROWS, n)
             rendered = rows.render(start, stop)
@@ -577,9 +724,25 @@ class Batch:
             self.checkpoint.write_inputs(
                 part, range(start, stop), rendered.messages, rendered.reasons, rendered.custom_ids, rendered.overrides
             )
+            if self.cache:
+                high[start:stop], low[start:stop] = request_hashes(rendered.messages, rendered.overrides)
+        if self.cache:
+            twins = Twins.of(high, low)
+            self.checkpoint.write_twins(twins.leader_of.tolist())
+            with self._lock:
+                self._adopt_twins(twins)
         self.checkpoint.mark_inputs_complete(parts)
         self._rows = None  # the checkpoint is the copy now
         self._spooled.set()
+
+    def _adopt_twins(self, twins: Twins) -> None:
+        """Twins are not sent: they copy their leader's answer (see :mod:`racto_nb.batch.twins`)."""
+        self.twins = twins
+        for round_ in self.rounds:
+            if round_.published == 0:
+                keep = ~twins.is_twin(round_.positions)
+                round_.positions = round_.positions[keep]
+                round_.spans = chunk_spans(len(round_.positions), self.size)
 
     def _skip(self, positions: np.ndarray) -> None:
         """Rows found unsendable while rendering (after the first part): not tasks, and not sent."""
@@ -657,6 +820,7 @@ class Batch:
             if first is not None and _stream_id(first) > _stream_id(self._cursor):
                 self._rescan()  # the stream was trimmed past us: what we missed is read from the rows
         entries = self.store.read(stream, self._cursor, EVENTS_PER_REFRESH)
+        paused_seen = False
         for entry_id, entry in entries:
             self._cursor = entry_id
             for item in entry.split(","):
@@ -665,6 +829,7 @@ class Batch:
                 new = _CODE_OF_EVENT.get(code)
                 if new is None or self.status[position] == SKIPPED:
                     continue
+                paused_seen = paused_seen or new == PAUSED
                 if new in _FINAL or self.status[position] in _FINAL:
                     self._to_confirm.add(position)  # a final state is read from the row itself
                 else:
@@ -677,10 +842,10 @@ class Batch:
         if now - self._last["vanished"] >= VANISHED_EVERY_S:
             self._last["vanished"] = now
             self._resend_vanished()
-        if now - self._last["manifest"] >= MANIFEST_EVERY_S:
+        if now - self._last["manifest"] >= MANIFEST_EVERY_S or (paused_seen and self.pause_reason is None):
             self._last["manifest"] = now
-            if not self.store.exists(batch_key(self.batch_id)):
-                self._back_online()
+            self._follow_manifest()
+            self._read_pause()
         if self._buffer and (len(self._buffer) >= FLUSH_ROWS or now - self._flushed_at >= FLUSH_EVERY_S):
             self.flush()
 
@@ -722,7 +887,26 @@ class Batch:
         return positions
 
     def _record(self, position: int, result: TaskResult) -> None:
-        """A final row: into the checkpoint buffer, and the counts."""
+        """A final row: into the checkpoint buffer and the counts; its twins get a copy (paid once)."""
+        self._buffer_result(position, result)
+        for twin in self.twins.followers(position):
+            if self.round_of[twin] == self.round_of[position] or self.status[twin] not in _FINAL:
+                copy = result.model_copy(
+                    update={
+                        "task_id": row_id(self.batch_id, twin, int(self.round_of[twin])),
+                        "index": twin,
+                        "custom_id": self._custom_id(twin),
+                        "cached": result.status is TaskStatus.SUCCESS,
+                        "saved_usd": result.cost_usd if result.status is TaskStatus.SUCCESS else None,
+                        "cost_usd": 0.0 if result.status is TaskStatus.SUCCESS else None,
+                    }
+                )
+                self._buffer_result(twin, copy)
+
+    def _custom_id(self, position: int) -> str | None:
+        return self.checkpoint.inputs(position, position + 1).custom_ids[0] if self._spooled.is_set() else None
+
+    def _buffer_result(self, position: int, result: TaskResult) -> None:
         response = result.result if isinstance(result.result, dict) else {}
         usage = response.get("usage") or {}
         parsed = response.get("parsed")
@@ -744,8 +928,15 @@ class Batch:
                 "total_tokens": usage.get("total_tokens"),
                 "custom_id": result.custom_id,
                 "deliveries": result.deliveries,
+                "cached": result.cached,
+                "cost_usd": result.cost_usd,
+                "saved_usd": result.saved_usd,
             }
         )
+        if result.status is TaskStatus.SUCCESS:
+            self.spent["cost_usd"] += result.cost_usd or 0.0
+            self.spent["saved_usd"] += result.saved_usd or 0.0
+            self.spent["cached"] += int(result.cached)
         self._set(position, _CODE_OF_STATUS[result.status])
 
     def flush(self) -> None:
@@ -867,6 +1058,10 @@ class Batch:
         if self._orphans:
             lost = f"{self._orphans} rows: their worker stopped answering; they run again on a live worker"
             note = f"{note}; {lost}" if note else lost
+        paused = self.pause_reason is not None
+        if paused:  # rows not run yet wait for resume(): they are paused, not pending
+            counts[TaskStatus.PAUSED] += counts[TaskStatus.PENDING]
+            counts[TaskStatus.PENDING] = 0
         return BatchProgress(
             batch_id=self.batch_id,
             total=total,
@@ -878,6 +1073,12 @@ class Batch:
             cancelled=self.cancelled,
             submitted=min(self._published_rows(), total),
             note=note,
+            skipped=self.counts[SKIPPED],
+            paused=paused,
+            pause_reason=self.pause_reason,
+            cost_usd=self.spent["cost_usd"],
+            cached=int(self.spent["cached"]),
+            saved_usd=self.spent["saved_usd"],
         )
 
     def wait(
@@ -901,7 +1102,7 @@ class Batch:
                 on_progress(progress)
             return progress
 
-        progress, _ = poll(look, lambda p: p.finished, timeout_s=timeout_s, stop=stop, max_pause_s=interval_s)
+        progress, _ = poll(look, lambda p: p.settled, timeout_s=timeout_s, stop=stop, max_pause_s=interval_s)
         if progress.finished:
             self.flush()
         return progress
@@ -927,7 +1128,10 @@ class Batch:
         open_ = np.flatnonzero(~np.isin(status, (*_FINAL, SKIPPED)))
         open_ = open_[~np.isin(open_, done.index.to_numpy())] if len(done) else open_
         if len(open_):
-            frame.loc[open_, "status"] = [_STATUS_OF_CODE[int(c)].value for c in status[open_]]
+            waiting = TaskStatus.PAUSED if self.pause_reason is not None else TaskStatus.PENDING
+            frame.loc[open_, "status"] = [
+                (waiting if c == PENDING else _STATUS_OF_CODE[int(c)]).value for c in status[open_]
+            ]
             frame.loc[open_, "task_id"] = [row_id(self.batch_id, int(p), int(rounds[p])) for p in open_]
             frame.loc[open_, "attempts"] = 0
         skipped = np.flatnonzero(status == SKIPPED)
@@ -944,6 +1148,8 @@ class Batch:
             frame[column] = frame[column].astype("Int64")
         frame["attempts"] = frame["attempts"].fillna(0).astype("int64")
         frame["latency_s"] = frame["latency_s"].astype("float64")
+        frame["cached"] = frame["cached"].fillna(False).astype(bool)
+        frame["cost_usd"] = frame["cost_usd"].astype("float64")
         frame.index = self.index
         frame.attrs["racto_batch_id"] = self.batch_id
         return frame
@@ -1006,13 +1212,16 @@ class Batch:
             for chunk in range(round_.published, len(round_.spans)):
                 for position in self._rows_of(round_, chunk).tolist():
                     if self.status[position] not in _FINAL:
-                        self._record(position, TaskResult(
-                            task_id=row_id(self.batch_id, position, round_.number),
-                            status=TaskStatus.REVOKED,
-                            error="batch cancelled before this row was sent",
-                            error_type="TaskRevokedError",
-                            index=position,
-                        ))
+                        self._record(
+                            position,
+                            TaskResult(
+                                task_id=row_id(self.batch_id, position, round_.number),
+                                status=TaskStatus.REVOKED,
+                                error="batch cancelled before this row was sent",
+                                error_type="TaskRevokedError",
+                                index=position,
+                            ),
+                        )
                         count += 1
             round_.published = len(round_.spans)
         return count
@@ -1055,19 +1264,53 @@ class Batch:
             positions = np.flatnonzero(self.status == FAILURE)
             if not len(positions):
                 return 0
-            number = len(self.rounds)
-            self.checkpoint.write_round(number, positions.tolist())
-            self.round_of[positions] = number
-            for position in positions.tolist():
-                self._set(position, PENDING)
-            self.rounds.append(_Round(number, positions.astype(np.int64), chunk_spans(len(positions), self.size)))
-            self.manifest["rounds"] = number + 1
+            self._new_round(positions)
             self.cancelled = False
-            self._finished_at = None
             self.publish_error = None
         self.save_manifest()
         self._start_publisher(background=background)
         return len(positions)
+
+    def resume(self, *, max_cost_usd: float | None = None, background: bool = True) -> int:
+        """Send the paused rows (and the rest) again after quota came back or with a higher cap; returns how many.
+
+        ``max_cost_usd`` replaces the batch's cap (it must be above what is spent).
+        """
+        with self._lock:
+            if max_cost_usd is not None:
+                spent = retrying(lambda: self._budget().spent(), budget_s=self.publish_budget_s)
+                if max_cost_usd <= spent:
+                    raise InvalidArgument(
+                        f"batch {self.batch_id} has already spent ${spent:,.4f}: "
+                        f"give a max_cost_usd above that (got {max_cost_usd:g})"
+                    )
+                self.max_cost_usd = float(max_cost_usd)
+                self.manifest.setdefault("opts", {})["max_cost_usd"] = self.max_cost_usd
+                self._budget().set_cap(self.max_cost_usd)
+            retrying(lambda: self.store.delete(pause_key(self.batch_id)), budget_s=self.publish_budget_s)
+            self.pause_reason = None
+            positions = np.flatnonzero(self.status == PAUSED)
+            if len(positions):
+                self._new_round(positions)
+        self.save_manifest()
+        self._start_publisher(background=background)
+        return len(positions)
+
+    def _new_round(self, positions: npt.NDArray[np.int64]) -> None:
+        """Send ``positions`` again under fresh task ids (a "Retry failed" or a resume); twins follow their leader."""
+        number = len(self.rounds)
+        self.checkpoint.write_round(number, positions.tolist())
+        self.round_of[positions] = number
+        for position in positions.tolist():
+            self._set(position, PENDING)
+        sent = positions[~self.twins.is_twin(positions)].astype(np.int64)
+        self.rounds.append(_Round(number, sent, chunk_spans(len(sent), self.size)))
+        self.manifest["rounds"] = number + 1
+        self._finished_at = None
+
+    def _read_pause(self) -> None:
+        raw = self.store.get(pause_key(self.batch_id))
+        self.pause_reason = None if raw is None else raw.decode()
 
 
 def _require_storable(index: pd.Index) -> None:
@@ -1099,4 +1342,3 @@ def _stream_id(entry_id: str) -> tuple[int, int]:
     """A stream entry id (``<ms>-<seq>``) as a comparable pair."""
     head, _, tail = entry_id.partition("-")
     return int(head or 0), int(tail or 0)
-

@@ -66,6 +66,9 @@ RESULT_SCHEMA = pa.schema(
         ("total_tokens", pa.int64()),
         ("custom_id", pa.string()),
         ("deliveries", pa.int64()),
+        ("cached", pa.bool_()),
+        ("cost_usd", pa.float64()),
+        ("saved_usd", pa.float64()),
     ]
 )
 
@@ -184,6 +187,20 @@ class Checkpoint:
         """Every position's reason for not being sent (``None`` for rows that were), in order."""
         files = sorted((self.path / "inputs").glob("part-*.parquet"))
         return pa.concat_arrays([pq.read_table(f, columns=["reason"]).column("reason").combine_chunks() for f in files])
+
+    # ------------------------------------------------------------------ twins
+
+    def write_twins(self, leader_of: Sequence[int]) -> None:
+        """Each row's leader (``-1``: none), for a reattach to know which rows copy which."""
+        table = pa.table({"leader": pa.array(leader_of, pa.int64())})
+        _atomic_write_table(self.path / "twins.parquet", table)
+
+    def read_twins(self) -> list[int] | None:
+        path = self.path / "twins.parquet"
+        if not path.is_file():
+            return None
+        leaders: list[int] = pq.read_table(path).column("leader").to_pylist()
+        return leaders
 
     # ------------------------------------------------------------------ rounds
 

@@ -57,6 +57,7 @@ class ChunkPayload(TypedDict):
     rows: list[RowSpec]
     events: bool  # write row events for a kernel that follows the batch
     flags: list[str]  # cancel flags to honour (the batch's, the round's)
+    opts: dict[str, Any]  # cache (bool), max_cost_usd (float), output (the schema, once structured output is asked)
 
 
 def rows_per_chunk(n_rows: int) -> int:

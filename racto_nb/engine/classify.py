@@ -29,6 +29,8 @@ class Classification:
     error_type: str
     status_code: int | None = None
     retry_after_s: float | None = None
+    #: The account is out of quota (HTTP 402, or OpenAI's ``insufficient_quota``): pause, do not fail.
+    out_of_quota: bool = False
 
 
 def classify(exc: BaseException) -> Classification:
@@ -37,12 +39,16 @@ def classify(exc: BaseException) -> Classification:
     Retried: timeouts, connection failures, HTTP 408/409/429 and 5xx.
     Not retried: everything else, notably 400/401/403/404/422 and validation
     errors; an unknown exception is a bug or bad input until proven otherwise,
-    and retrying it only multiplies the bill.
+    and retrying it only multiplies the bill. Out of quota (402, or a 429 whose
+    code is ``insufficient_quota``) is neither: no retry helps until someone
+    pays, so the batch pauses.
     """
     error_type = type(exc).__name__
     for link in _cause_chain(exc):
         status = _status_code(link)
         if status is not None:
+            if status == 402 or getattr(link, "code", None) == "insufficient_quota":
+                return Classification(False, "QuotaExhausted", status, None, out_of_quota=True)
             retryable = status in RETRYABLE_STATUS or 500 <= status <= 599
             retry_after = _retry_after(link) if status in RETRY_AFTER_STATUS else None
             return Classification(retryable, error_type, status, retry_after)
@@ -84,9 +90,7 @@ def _retry_after(exc: BaseException) -> float | None:
     return parse_retry_after(headers.get("retry-after-ms"), headers.get("retry-after"))
 
 
-def parse_retry_after(
-    retry_after_ms: str | None, retry_after: str | None, now: float | None = None
-) -> float | None:
+def parse_retry_after(retry_after_ms: str | None, retry_after: str | None, now: float | None = None) -> float | None:
     """Seconds to wait from ``Retry-After-Ms`` or ``Retry-After`` (seconds or an HTTP date)."""
     if retry_after_ms:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "PREFIX",
     "batch_key",
+    "budget_key",
     "cancel_key",
     "chunk_task_id",
     "events_key",
@@ -63,6 +64,11 @@ def cancel_key(batch_id: str) -> str:
 def pause_key(batch_id: str) -> str:
     """Present while a batch is paused (quota, budget): rows that meet it wait, they do not fail."""
     return f"{PREFIX}pause:{batch_id}"
+
+
+def budget_key(batch_id: str) -> str:
+    """A batch's spending cap and what is spent and reserved against it (a hash)."""
+    return f"{PREFIX}budget:{batch_id}"
 
 
 def lease_key(chunk_task: str) -> str:

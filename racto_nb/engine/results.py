@@ -11,7 +11,10 @@ reads it too. What racto_nb puts in ``result``, and why:
   the next try), which a progress line shows as "retry 1 of 3, next try in 4 s".
 * FAILURE: a ``TaskFailed`` error (type, HTTP status, attempts).
 * SUCCESS: an envelope ``{"output", "attempts", "latency_s", "custom_id",
-  "index", "deliveries", "worker"}``; ``TaskResult.result`` is its ``output``.
+  "index", "deliveries", "worker", "cached", "cost_usd", "saved_usd"}``;
+  ``TaskResult.result`` is its ``output``.
+* PAUSED (racto_nb's own state): ``{"reason"}``, a row waiting for quota or
+  budget; it runs when the batch is resumed.
 
 Reading: one look at N rows is ``ceil(N / chunk)`` MGETs, not N round trips
 (``GroupResult.completed_count``) and not N pub/sub subscriptions
@@ -55,6 +58,7 @@ _STATES = {
     "SUCCESS": TaskStatus.SUCCESS,
     "FAILURE": TaskStatus.FAILURE,
     "REVOKED": TaskStatus.REVOKED,
+    "PAUSED": TaskStatus.PAUSED,
     "REJECTED": TaskStatus.FAILURE,
     "IGNORED": TaskStatus.FAILURE,
 }
@@ -90,6 +94,9 @@ def envelope(
     index: int | None,
     deliveries: int,
     worker: str | None,
+    cached: bool = False,
+    cost_usd: float | None = None,
+    saved_usd: float | None = None,
 ) -> dict[str, Any]:
     """What a SUCCESS row stores (see the module docstring)."""
     return {
@@ -100,6 +107,9 @@ def envelope(
         "index": index,
         "deliveries": deliveries,
         "worker": worker,
+        "cached": cached,
+        "cost_usd": cost_usd,
+        "saved_usd": saved_usd,
     }
 
 
@@ -183,6 +193,8 @@ def to_task_result(task_id: str, meta: dict[str, Any] | None, *, now: float | No
     fields: dict[str, Any] = {}
     if status is TaskStatus.SUCCESS:
         fields = _from_envelope(value)
+    elif status is TaskStatus.PAUSED and isinstance(value, dict):
+        fields = {"error": str(value.get("reason") or "paused"), "error_type": "Paused"}
     elif status is TaskStatus.STARTED and isinstance(value, dict):
         fields = {
             "attempts": int(value.get("attempt", 1)),
@@ -209,5 +221,8 @@ def _from_envelope(value: Any) -> dict[str, Any]:
             "index": value.get("index"),
             "deliveries": value.get("deliveries"),
             "worker": value.get("worker"),
+            "cached": bool(value.get("cached", False)),
+            "cost_usd": value.get("cost_usd"),
+            "saved_usd": value.get("saved_usd"),
         }
     return {"result": value, "attempts": 1}

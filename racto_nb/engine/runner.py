@@ -34,10 +34,11 @@ from uuid import uuid4
 from celery import states
 from celery.exceptions import TaskRevokedError
 
+from racto_nb.costs.governor import hold_from_headers
 from racto_nb.engine import keepalive
 from racto_nb.engine.chunks import ChunkPayload, RowSpec
 from racto_nb.engine.classify import classify
-from racto_nb.engine.keys import events_key, lease_key
+from racto_nb.engine.keys import events_key, lease_key, pause_key
 from racto_nb.engine.results import encode_meta, envelope, meta_key
 from racto_nb.engine.store import Store, retrying, store_for
 from racto_nb.errors import RetryScheduled, TaskFailed
@@ -61,6 +62,9 @@ FLAG_EVERY_S = 0.5
 #: Stream entries a batch's event stream keeps (a follower that falls further behind rescans).
 EVENTS_MAXLEN = 100_000
 
+#: A row waiting for the account (out of quota) or the batch's budget: not run, not failed (Celery's own
+#: vocabulary has no such state; ``AsyncResult`` reports it as it is stored).
+PAUSED = "PAUSED"
 #: One-letter event codes, as a kernel reads them from the stream.
 EVENT_CODES = {
     states.STARTED: "S",
@@ -68,7 +72,10 @@ EVENT_CODES = {
     states.SUCCESS: "D",
     states.FAILURE: "F",
     states.REVOKED: "V",
+    PAUSED: "P",
 }
+#: A call waiting for the rate governor looks at the cancel and pause flags at least this often.
+GOVERNOR_NAP_S = 0.5
 
 
 @dataclass(order=True)
@@ -79,6 +86,8 @@ class _Row:
     key: str = field(compare=False)
     attempts: int = field(default=0, compare=False)  # calls made so far
     deliveries: int = field(default=1, compare=False)  # workers the current attempt was handed to
+    config: ChatConfig | None = field(default=None, compare=False)  # chat rows: the request
+    fingerprint: str | None = field(default=None, compare=False)  # its key in the ledger, when cached
 
 
 @dataclass
@@ -105,7 +114,17 @@ class ChunkRunner:
         self._flushed_at = time.monotonic()
         self._flags_at = 0.0
         self._cancelled = False
+        self._paused: str | None = None
         self._expires = float(self.backend.expires) if self.backend.expires else None
+        opts = payload.get("opts") or {}
+        self.spending = worker.spending
+        # The seed API sends no opts: it never answers from the ledger (the notebook layer asks for it).
+        self.cache = bool(opts.get("cache", False)) and payload["kind"] == "chat"
+        self.output: dict[str, Any] | None = opts.get("output")
+        cap = opts.get("max_cost_usd")
+        self.budget = None if cap is None else self.spending.budget(self.store, payload["batch"], float(cap))
+        self.governor = self.spending.governor(self.store) if payload["kind"] == "chat" else None
+        self._remember: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ the run
 
@@ -151,7 +170,7 @@ class ChunkRunner:
             meta = None if raw is None else self.backend.decode_result(raw)
             if meta is not None and _final(meta):
                 continue  # finished by an earlier delivery: never paid for again
-            row = _Row(due=0.0, seq=seq, spec=spec, key=key)
+            row = _Row(due=0.0, seq=seq, spec=spec, key=key, config=self._config(spec))
             status, value = (meta or {}).get("status"), (meta or {}).get("result")
             if status == states.STARTED and isinstance(value, dict):
                 # In flight when its worker died: the same attempt again, one more delivery.
@@ -165,7 +184,58 @@ class ChunkRunner:
             rows.append(row)
         return rows
 
+    def _config(self, spec: RowSpec) -> ChatConfig | None:
+        if self.payload["kind"] != "chat":
+            return None
+        defaults = self.payload["defaults"]
+        return ChatConfig(
+            user_message=spec["m"],
+            temperature=spec.get("t", defaults["temperature"]),
+            max_tokens=spec.get("k", defaults["max_tokens"]),
+            history=defaults.get("history") or [],
+            extra=spec.get("x", defaults.get("extra") or {}),
+        )
+
+    def _answer_from_ledger(self, rows: list[_Row]) -> list[_Row]:
+        """Rows already paid for (by any batch, any kernel) are answered from the ledger; the rest run."""
+        ledger = self.spending.ledger(self.store) if self.cache else None
+        if ledger is None:
+            return rows
+        for row in rows:
+            assert row.config is not None
+            row.fingerprint = self.spending.fingerprint(row.config, self.output)
+        keyed = [row for row in rows if row.fingerprint is not None]
+        found = retrying(lambda: ledger.get_many([row.fingerprint or "" for row in keyed]), budget_s=WRITE_BUDGET_S)
+        answered = set()
+        for row, entry in zip(keyed, found, strict=True):
+            if entry is not None and row.attempts == 0:
+                cached = self._envelope(
+                    row, entry["output"], attempts=0, latency=0.0, cached=True, saved=entry.get("cost_usd")
+                )
+                self._buffer(row, states.SUCCESS, cached)
+                answered.add(row.seq)
+        return [row for row in rows if row.seq not in answered]
+
+    def _envelope(
+        self, row: _Row, output: Any, *, attempts: int, latency: float, cached: bool, saved: float | None = None
+    ) -> dict[str, Any]:
+        usage = output.get("usage") if isinstance(output, dict) else None
+        cost = 0.0 if cached else self.spending.cost(output.get("model") if isinstance(output, dict) else None, usage)
+        return envelope(
+            output,
+            attempts=attempts,
+            latency_s=latency,
+            custom_id=row.spec.get("c"),
+            index=row.spec.get("p"),
+            deliveries=row.deliveries,
+            worker=self.hostname,
+            cached=cached,
+            cost_usd=cost,
+            saved_usd=saved if cached else None,
+        )
+
     def _execute(self, rows: list[_Row]) -> None:
+        rows = self._answer_from_ledger(rows)
         fresh = deque(row for row in rows if row.due == 0.0)
         waiting = [row for row in rows if row.due != 0.0]
         heapq.heapify(waiting)
@@ -176,6 +246,10 @@ class ChunkRunner:
                 for row in [*fresh, *waiting]:
                     self._buffer(row, states.REVOKED, _revoked())
                 return
+            if self._paused is not None:
+                for row in [*fresh, *waiting]:
+                    self._buffer(row, PAUSED, {"reason": self._paused})
+                return
             now = time.time()
             if waiting and waiting[0].due <= now:
                 row = heapq.heappop(waiting)
@@ -185,40 +259,61 @@ class ChunkRunner:
                 self._flush()
                 time.sleep(min(waiting[0].due - now, FLAG_EVERY_S))
                 continue
-            if self._attempt(row):
+            outcome = self._attempt(row)
+            if outcome == "retry":
                 heapq.heappush(waiting, row)
+            elif outcome == "stopped":
+                fresh.appendleft(row)  # cancelled or paused while it waited its turn: the loop says which
             if len(self._writes) >= FLUSH_ROWS or time.monotonic() - self._flushed_at >= FLUSH_EVERY_S:
                 self._flush()
 
-    def _attempt(self, row: _Row) -> bool:
-        """One call for ``row``; ``True`` when it is to be retried (``row.due`` says when)."""
+    def _attempt(self, row: _Row) -> str:
+        """One call for ``row``: ``"done"``, ``"retry"`` (``row.due`` says when) or ``"stopped"`` before it began.
+
+        Before the call: the fleet's rate governor (waiting as long as it says,
+        still heeding cancel and pause) and the batch's budget. After it: the
+        governor learns the real token count and any hold the provider asked
+        for, the budget the real cost, the ledger the answer.
+        """
         retry = self.worker.retry_config
         attempt = row.attempts + 1
         error: BaseException | None = None
         output: Any = None
+        tokens = self.spending.prompt_tokens(row.config) + row.config.max_tokens if row.config is not None else 0
+        if self.governor is not None and not self._wait_for_governor(tokens):
+            return "stopped"
+        reserved = 0.0
+        if self.budget is not None and row.config is not None:
+            reserved = self.spending.highest_cost(tokens - row.config.max_tokens, row.config.max_tokens) or 0.0
+            if not retrying(lambda: self.budget.reserve(reserved), budget_s=WRITE_BUDGET_S):  # type: ignore[union-attr]
+                self._pause("the batch reached its max_cost_usd; raise it and resume: run.resume(max_cost_usd=...)")
+                return "stopped"
         with self._kit_slot():
             info = {"attempt": attempt, "deliveries": row.deliveries, "hostname": self.hostname}
             self._write_now(row, states.STARTED, encode_meta(self.backend, row.spec["id"], states.STARTED, info))
             started = time.perf_counter()
             try:
-                output = self._work(row.spec)
+                output = self._work(row)
             except Exception as exc:
                 error = exc
             latency = round(time.perf_counter() - started, 6)
         spec = row.spec
+        usage = output.get("usage") if isinstance(output, dict) else None
+        self._settle(tokens, usage, reserved, output if isinstance(output, dict) else None)
         if error is None:
-            result = envelope(
-                output,
-                attempts=attempt,
-                latency_s=latency,
-                custom_id=spec.get("c"),
-                index=spec.get("p"),
-                deliveries=row.deliveries,
-                worker=self.hostname,
-            )
+            result = self._envelope(row, output, attempts=attempt, latency=latency, cached=False)
             self._buffer(row, states.SUCCESS, result)
-            return False
+            if row.fingerprint is not None and self.cache:
+                self._remember[row.fingerprint] = {"output": output, "cost_usd": result["cost_usd"]}
+            return "done"
         verdict = classify(error)
+        if verdict.status_code == 429 and self.governor is not None:
+            # One worker's 429 holds the whole fleet, not just this thread.
+            self.governor.hold(verdict.retry_after_s or retry.countdown(attempt - 1))
+        if verdict.out_of_quota:
+            self._pause(f"the provider says the account is out of quota ({_explain(error, with_cause=False)})")
+            row.attempts = attempt
+            return "stopped"
         what = verdict.error_type + (f" (HTTP {verdict.status_code})" if verdict.status_code else "")
         what += f": {_explain(error, with_cause=verdict.status_code is None)}"
         if verdict.retryable and attempt <= retry.max_retries:
@@ -228,27 +323,54 @@ class ChunkRunner:
                 what, verdict.error_type, verdict.status_code, attempt, retry.max_retries, row.due
             )
             self._write_now(row, states.RETRY, encode_meta(self.backend, spec["id"], states.RETRY, scheduled))
-            return True
+            return "retry"
         why = f"gave up after {attempt} attempts" if verdict.retryable else "not retried"
         failure = TaskFailed(f"{what} ({why})", verdict.error_type, verdict.status_code, attempt)
         self._buffer(row, states.FAILURE, failure)
-        return False
+        return "done"
 
-    def _work(self, spec: RowSpec) -> Any:
-        if self.payload["kind"] == "ingest":
+    def _wait_for_governor(self, tokens: int) -> bool:
+        """Wait until the fleet's bucket grants the call; ``False`` if the batch was cancelled or paused meanwhile."""
+        governor = self.governor
+        assert governor is not None
+        while True:
+            wait = retrying(lambda: governor.acquire(tokens), budget_s=WRITE_BUDGET_S)
+            if wait <= 0:
+                return True
+            self._flush()
+            if self._is_cancelled() or self._paused is not None:
+                return False
+            time.sleep(min(wait, GOVERNOR_NAP_S))
+
+    def _settle(
+        self, tokens: int, usage: dict[str, Any] | None, reserved: float, output: dict[str, Any] | None
+    ) -> None:
+        """Tell the governor and the budget what the call really took."""
+        if self.governor is not None:
+            actual = int((usage or {}).get("total_tokens") or tokens)
+            self.governor.settle(tokens, actual)
+            headers = (output or {}).pop("rate_limits", None) or {}
+            self.governor.hold(hold_from_headers(headers))
+        elif output is not None:
+            output.pop("rate_limits", None)
+        if self.budget is not None:
+            cost = self.spending.cost((output or {}).get("model"), usage) if usage else 0.0
+            budget = self.budget
+            retrying(lambda: budget.settle(reserved, cost or 0.0), budget_s=WRITE_BUDGET_S)
+
+    def _pause(self, reason: str) -> None:
+        """Pause the whole batch (every chunk of it stops starting rows) for ``reason``."""
+        self._paused = reason
+        retrying(lambda: self.store.set(pause_key(self.payload["batch"]), reason), budget_s=WRITE_BUDGET_S)
+
+    def _work(self, row: _Row) -> Any:
+        if row.config is None:
             rag = self.worker.rag
             if rag is None:
                 raise TaskFailed("this worker process has no rag object configured", "RuntimeError")
+            spec = row.spec
             return [_chunk_dict(chunk) for chunk in rag.ingest(spec["path"], **(spec.get("meta") or {}))]
-        defaults = self.payload["defaults"]
-        config = ChatConfig(
-            user_message=spec["m"],
-            temperature=spec.get("t", defaults["temperature"]),
-            max_tokens=spec.get("k", defaults["max_tokens"]),
-            history=defaults.get("history") or [],
-            extra=spec.get("x", defaults.get("extra") or {}),
-        )
-        return run_chat(self.worker.kit, config)
+        return run_chat(self.worker.kit, row.config)
 
     def _kit_slot(self) -> AbstractContextManager[Any]:
         slot = self.worker.kit_slot
@@ -272,12 +394,15 @@ class ChunkRunner:
     # ------------------------------------------------------------------ flags
 
     def _is_cancelled(self) -> bool:
-        flags = self.payload["flags"]
-        if self._cancelled or not flags or time.monotonic() - self._flags_at < FLAG_EVERY_S:
+        """Read the batch's cancel flags and its pause flag, at most every ``FLAG_EVERY_S``."""
+        if self._cancelled or time.monotonic() - self._flags_at < FLAG_EVERY_S:
             return self._cancelled
         self._flags_at = time.monotonic()
+        flags = [*self.payload["flags"], pause_key(self.payload["batch"])]
         found = retrying(lambda: self.store.mget(flags), budget_s=WRITE_BUDGET_S)
-        self._cancelled = any(value is not None for value in found)
+        self._cancelled = any(value is not None for value in found[:-1])
+        if found[-1] is not None and self._paused is None:
+            self._paused = found[-1].decode() if isinstance(found[-1], bytes) else str(found[-1])
         return self._cancelled
 
     # ------------------------------------------------------------------ writing
@@ -290,9 +415,13 @@ class ChunkRunner:
 
     def _flush(self) -> None:
         writes, self._writes = self._writes, []
+        remember, self._remember = self._remember, {}
         self._flushed_at = time.monotonic()
         if writes:
             self._send(writes)
+        ledger = self.spending.ledger(self.store) if remember else None
+        if ledger is not None:
+            retrying(lambda: ledger.put_many(remember), budget_s=WRITE_BUDGET_S)
 
     def _send(self, writes: list[_Write]) -> None:
         events = events_key(self.payload["batch"]) if self.payload["events"] else None
@@ -332,4 +461,3 @@ def _explain(exc: BaseException, *, with_cause: bool) -> str:
         detail = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
         text += f" (caused by {detail})"
     return text
-

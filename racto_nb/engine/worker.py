@@ -42,6 +42,7 @@ from racto_nb.engine.publish import publish_many
 from racto_nb.engine.recovery import LiveWorkers, find_vanished, mark_orphans
 from racto_nb.engine.results import ResultReader
 from racto_nb.engine.runner import ChunkRunner
+from racto_nb.engine.spending import Spending, SpendSettings
 from racto_nb.engine.store import Store, store_for
 from racto_nb.errors import InvalidArgument, InvalidSource, Unsupported
 from racto_nb.kits.base import Kit, Rag, require_kit, require_rag
@@ -111,6 +112,8 @@ class RactoCeleryWorker:
         stale_after_s: A worker that stopped renewing its claim for this long
             is dead: its rows are handed to a live worker (see
             :mod:`racto_nb.engine.keepalive`).
+        spending: Rate limits (shared by the fleet), prices, and the pay-once
+            ledger's expiry and size (see :mod:`racto_nb.engine.spending`).
         replace: Take over ``name`` from a live worker with a different kit
             (otherwise that is an error: one would silently run the other's kit).
     """
@@ -126,6 +129,7 @@ class RactoCeleryWorker:
         queue: str | None = None,
         max_redeliveries: int = DEFAULT_MAX_REDELIVERIES,
         stale_after_s: float = DEFAULT_STALE_AFTER_S,
+        spending: SpendSettings | None = None,
         replace: bool = False,
     ) -> None:
         self.app = app
@@ -138,6 +142,8 @@ class RactoCeleryWorker:
         if stale_after_s <= 0:
             raise InvalidArgument(f"stale_after_s must be > 0 (got {stale_after_s})")
         self.stale_after_s = stale_after_s
+        #: The ledger, the rate governor and the prices this worker's calls go through.
+        self.spending = Spending(self.kit, spending or SpendSettings())
         slots = getattr(kit, "max_concurrency", None)
         #: Held around every call when the kit takes a limited number at once.
         self.kit_slot = threading.BoundedSemaphore(slots) if isinstance(slots, int) and slots > 0 else None
@@ -161,11 +167,14 @@ class RactoCeleryWorker:
         max_tokens: int = DEFAULT_MAX_TOKENS,
         history: list[dict[str, str]] | None = None,
         extra: dict[str, Any] | None = None,
+        cache: bool = False,
     ) -> AsyncResult:
         """Enqueue one chat call; returns at once with the task's ``AsyncResult``.
 
         The request is validated here, so bad input raises before anything is
-        enqueued instead of failing later in a worker.
+        enqueued instead of failing later in a worker. ``cache=True`` answers it
+        from the pay-once ledger when the same request was paid for before
+        (:mod:`racto_nb.costs.ledger`).
         """
         config = ChatConfig(
             user_message=user_message,
@@ -176,7 +185,8 @@ class RactoCeleryWorker:
         )
         _require_json(config.extra, "extra")
         task_id = uuid()
-        self.send(task_id, "chat", self.defaults(config), [{"id": task_id, "m": config.user_message}])
+        rows: list[RowSpec] = [{"id": task_id, "m": config.user_message}]
+        self.send(task_id, "chat", self.defaults(config), rows, opts={"cache": cache})
         return self.app.AsyncResult(task_id)
 
     def ingest_document(self, path: str, **metadata: Any) -> AsyncResult:
@@ -258,6 +268,7 @@ class RactoCeleryWorker:
         *,
         events: bool = False,
         flags: Sequence[str] = (),
+        opts: dict[str, Any] | None = None,
     ) -> ChunkPayload:
         """The message body for ``rows`` (see :class:`~racto_nb.engine.chunks.ChunkPayload`)."""
         if kind not in ("chat", "ingest"):
@@ -270,6 +281,7 @@ class RactoCeleryWorker:
             "rows": rows,
             "events": events,
             "flags": list(flags),
+            "opts": dict(opts or {}),
         }
 
     def publish(self, chunks: Sequence[tuple[str, ChunkPayload]]) -> None:
@@ -285,12 +297,20 @@ class RactoCeleryWorker:
             while len(self._sent) > _REMEMBERED_CHUNKS:
                 self._sent.popitem(last=False)
 
-    def send(self, batch_id: str, kind: str, defaults: dict[str, Any], rows: list[RowSpec]) -> None:
+    def send(
+        self,
+        batch_id: str,
+        kind: str,
+        defaults: dict[str, Any],
+        rows: list[RowSpec],
+        *,
+        opts: dict[str, Any] | None = None,
+    ) -> None:
         """Publish ``rows`` in chunks sized for their number (the seed API's path)."""
         size = rows_per_chunk(len(rows))
         self.publish(
             [
-                (chunk_task_id(batch_id, 0, n), self.chunk(batch_id, kind, defaults, rows[start:stop]))
+                (chunk_task_id(batch_id, 0, n), self.chunk(batch_id, kind, defaults, rows[start:stop], opts=opts))
                 for n, (start, stop) in enumerate(chunk_spans(len(rows), size))
             ]
         )

@@ -31,6 +31,7 @@ from racto_nb.config import (
 )
 from racto_nb.embedded.worker import EmbeddedWorker
 from racto_nb.engine.celery_app import EMBEDDED_BROKER_URL, build_celery
+from racto_nb.engine.spending import SpendSettings
 from racto_nb.engine.worker import RactoCeleryWorker
 from racto_nb.errors import InvalidSource, KitUnavailable
 from racto_nb.fleet.probe import check_broker
@@ -175,6 +176,7 @@ def _start_embedded(
         retry_config=retry_config or build_retry(cfg),
         name=cfg.worker_name,
         queue=str(app.conf.task_default_queue),  # this app's own in-process queue
+        spending=SpendSettings.from_config(cfg),
     )
     runner = EmbeddedWorker(app, concurrency=concurrency).start()
     return worker, runner
@@ -202,6 +204,11 @@ def _connect_broker(
     retry = retry_config or build_retry(cfg)
     rag = build_rag(cfg) if rag is None else rag
     return RactoCeleryWorker(
-        app, kit=kit, rag=rag, retry_config=retry, name=cfg.worker_name, stale_after_s=cfg.visibility_timeout_s
+        app,
+        kit=kit,
+        rag=rag,
+        retry_config=retry,
+        name=cfg.worker_name,
+        stale_after_s=cfg.visibility_timeout_s,
+        spending=SpendSettings.from_config(cfg),
     )
-

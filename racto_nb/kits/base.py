@@ -92,6 +92,8 @@ def to_response_dict(response: Any) -> dict[str, Any]:
         out["parsed"] = parse_json_content(out["content"])
     if not isinstance(out["usage"], dict):
         out["usage"] = {}
+    if not out["rate_limits"]:
+        del out["rate_limits"]  # only for the governor, and only when the provider sent them
     return out
 
 

@@ -213,6 +213,24 @@ class LocalKit:
             self.extra_bufts,
         )
 
+    def cache_identity(self) -> dict[str, Any]:
+        """Who answers, for the pay-once ledger: the model file and every setting that shapes a reply.
+
+        The file counts by name and size, so a replaced file is a new model. A
+        local call costs no money, but a re-run cell need not wait again for
+        the answers it already has.
+        """
+        return {
+            "provider": "local",
+            "model": self.model,
+            "file": [self.model_path.name, self.model_path.stat().st_size],
+            "system": self.system_prompt,
+            "n_ctx": self.n_ctx,
+            "seed": self.seed,
+            "max_tokens_cap": self.max_tokens_cap,
+            "stop": list(self.stop),
+        }
+
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented

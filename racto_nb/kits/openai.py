@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 #: Sent when a base URL is given and no key is: local servers (vLLM, Ollama,
 #: llama.cpp) ignore the key, but the SDK refuses to start without one.
 NO_KEY_PLACEHOLDER = "not-needed"
+#: Where the SDK sends calls when no base URL is given.
+DEFAULT_ENDPOINT = "https://api.openai.com/v1"
 
 
 class OpenAIKit:
@@ -101,13 +103,30 @@ class OpenAIKit:
             key = NO_KEY_PLACEHOLDER
         return openai.OpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout_s, max_retries=0)
 
+    @property
+    def endpoint(self) -> str:
+        """Where calls go: the base URL, or OpenAI's own."""
+        return self.base_url or DEFAULT_ENDPOINT
+
+    def cache_identity(self) -> dict[str, Any]:
+        """Who answers: what the pay-once ledger keys answers by, besides the request itself."""
+        return {"provider": "openai", "endpoint": self.endpoint, "model": self.model, "system": self.system_prompt}
+
+    def rate_key(self) -> tuple[str, str]:
+        """``(endpoint, key name)``: calls sharing these share one rate limit at the provider."""
+        return self.endpoint, self.api_key_env
+
     def messages_for(self, config: ChatConfig) -> list[dict[str, str]]:
         """System prompt, then history, then the user's message."""
         return chat_messages(self.system_prompt, config)
 
     def chat(self, config: ChatConfig) -> ChatResponse:
-        """One chat completion; provider errors propagate for the worker to classify."""
-        completion = self.client.chat.completions.create(
+        """One chat completion; provider errors propagate for the worker to classify.
+
+        The raw response is read for its ``x-ratelimit-*`` headers, which the
+        fleet's rate governor uses to slow down before the provider says 429.
+        """
+        raw = self.client.chat.completions.with_raw_response.create(
             model=self.model,
             messages=self.messages_for(config),  # type: ignore[arg-type]
             temperature=config.temperature,
@@ -116,11 +135,14 @@ class OpenAIKit:
             # the body as given: the SDK would reject unknown keyword arguments.
             extra_body=config.extra or None,
         )
+        completion = raw.parse()
         choice = completion.choices[0] if completion.choices else None
         usage = completion.usage.model_dump() if completion.usage else {}
+        limits = {k.lower(): v for k, v in raw.headers.items() if k.lower().startswith("x-ratelimit-")}
         return ChatResponse(
             content=choice.message.content if choice else None,
             usage={k: v for k, v in usage.items() if isinstance(v, int)},
             finish_reason=choice.finish_reason if choice else None,
             model=completion.model,
+            rate_limits=limits or None,
         )

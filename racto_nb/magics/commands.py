@@ -109,37 +109,57 @@ def batch(shell: Any, args: Any, cell: str | None, *, progress: ProgressChoice) 
         "title": f"racto_batch → {args.out}" if args.out else "racto_batch",
     }
     if args.attach:
-        if args.expr or template or args.write_back or args.custom_id:
+        if args.expr or template or args.write_back or args.custom_id or args.estimate or args.no_cache:
             raise UsageError(
                 "--attach ID rebuilds a batch that already exists: drop the expression, template, "
-                "--write-back and --custom-id"
+                "--write-back, --custom-id, --estimate and --no-cache"
             )
+        if args.cancel and args.resume:
+            raise UsageError("--cancel and --resume pull opposite ways: give one of them")
+        if args.max_cost is not None and not args.resume:
+            raise UsageError("--max-cost with --attach sets the cap of a resumed batch: add --resume")
         worker = _worker()
         with usage_errors():
-            outcome = api.attach(_batch_id(shell, args.attach), worker=worker, cancel=args.cancel, **common)
+            outcome = api.attach(
+                _batch_id(shell, args.attach),
+                worker=worker,
+                cancel=args.cancel,
+                resume=args.resume,
+                max_cost_usd=args.max_cost,
+                **common,
+            )
     else:
-        if args.cancel:
-            raise UsageError("--cancel goes with --attach ID (or click Cancel on the batch's progress view)")
+        if args.cancel or args.resume:
+            flag, button = ("--cancel", "Cancel") if args.cancel else ("--resume", "Resume")
+            raise UsageError(f"{flag} goes with --attach ID (or click {button} on the batch's progress view)")
         if not args.expr:
             raise UsageError(
-                "name the rows: %racto_batch df['review'] --out labels, "
-                "or %%racto_batch df with a template as the body"
+                "name the rows: %racto_batch df['review'] --out labels, or %%racto_batch df with a template as the body"
             )
         source = evaluate(shell, args.expr)
         frame = series_parent(shell, source) if isinstance(source, pd.Series) else None
         worker = _worker()
+        shared: dict[str, Any] = {
+            "worker": worker,
+            "temperature": args.temperature,
+            "max_tokens": args.max_tokens,
+            "custom_id": args.custom_id,
+            "on_missing": args.on_missing,
+            "frame": frame,
+            "cache": not args.no_cache,
+        }
+        if args.estimate:
+            if args.background or args.write_back or args.max_cost is not None:
+                raise UsageError("--estimate sends nothing: drop --background, --write-back and --max-cost")
+            with usage_errors():
+                guess = api.estimate(source, template, **shared)
+            notice(f"racto_nb estimate: {guess}")
+            if args.out:
+                shell.user_ns[args.out] = guess
+            return None
         with usage_errors():
             outcome = api.run_batch(
-                source,
-                template,
-                worker=worker,
-                temperature=args.temperature,
-                max_tokens=args.max_tokens,
-                custom_id=args.custom_id,
-                on_missing=args.on_missing,
-                write_back=args.write_back,
-                frame=frame,
-                **common,
+                source, template, write_back=args.write_back, max_cost_usd=args.max_cost, **shared, **common
             )
     if args.background:
         notice(
@@ -166,9 +186,7 @@ def _batch_id(shell: Any, value: str) -> str:
         return str(held.attrs["racto_batch_id"])
     if isinstance(getattr(held, "batch_id", None), str):
         return str(held.batch_id)
-    raise UsageError(
-        f"--attach {value}: that variable holds a {type(held).__name__}, not a batch id, run or result"
-    )
+    raise UsageError(f"--attach {value}: that variable holds a {type(held).__name__}, not a batch id, run or result")
 
 
 def _template(option: str | None, cell: str | None) -> str | None:

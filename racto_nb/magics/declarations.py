@@ -6,7 +6,8 @@
 * ``%%racto_generate [options]``: the body is one prompt, ``{name}`` filled from
   the notebook's variables.
 * ``%racto_batch EXPR [options]`` and ``%%racto_batch EXPR [options]`` (the
-  body is the template): one task per row, a DataFrame back.
+  body is the template): one task per row, a DataFrame back; ``--estimate``
+  sends nothing and says what it would cost.
 * ``%racto_workers start [N] [--concurrency C]``, ``%racto_workers stop``,
   ``%racto_workers``: local ``celery -A racto_nb.app worker`` processes on the
   broker this kernel is connected to (start, stop, list).
@@ -124,10 +125,31 @@ class RactoMagics(Magics):
     @argument(
         "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="Token budget per answer (default %(default)s)."
     )
+    @argument(
+        "--no-cache",
+        action="store_true",
+        help="Send every row, even one the ledger already answered (twins are sent too).",
+    )
+    @argument(
+        "--max-cost",
+        type=float,
+        metavar="USD",
+        help="Pause the batch before its spend (calls in flight included) would pass USD.",
+    )
+    @argument(
+        "--estimate",
+        action="store_true",
+        help="Send nothing: print rows, prompt tokens and the cost range (into --out as an Estimate).",
+    )
     @argument("--background", action="store_true", help="Return at once; --out is filled when it ends.")
     @argument("--timeout", type=float, help="Stop waiting after this many seconds (the batch runs on).")
     @argument("--attach", metavar="ID", help="Rebuild batch ID from the result backend.")
     @argument("--cancel", action="store_true", help="With --attach: revoke what has not started.")
+    @argument(
+        "--resume",
+        action="store_true",
+        help="With --attach: go on with a paused batch (out of quota, or --max-cost reached; give a new --max-cost).",
+    )
     @argument("--progress", choices=PROGRESS_CHOICES, help="Progress view: auto, widget, text or none.")
     @line_cell_magic
     def racto_batch(self, line: str, cell: str | None = None) -> Any:

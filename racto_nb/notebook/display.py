@@ -9,7 +9,7 @@ from __future__ import annotations
 from racto_nb.models import BatchProgress, TaskResult, TaskStatus
 from racto_nb.notebook.kernel import ipython_display, markdown
 
-__all__ = ["batch_ended_early", "batch_started", "show_content", "task_ended_early"]
+__all__ = ["batch_ended_early", "batch_paused", "batch_started", "show_content", "task_ended_early"]
 
 
 def show_content(result: TaskResult) -> None:
@@ -36,13 +36,19 @@ def batch_ended_early(batch_id: str, progress: BatchProgress | None, *, why: str
     )
 
 
+def batch_paused(batch_id: str, progress: BatchProgress) -> str:
+    """A batch that stopped sending: why, and how to go on."""
+    waiting = progress.count(TaskStatus.PAUSED)
+    return (
+        f"Paused: batch {batch_id} ({progress.pause_reason}); {waiting} rows wait.\n"
+        f"  go on: %racto_batch --attach {batch_id} --resume [--max-cost USD]"
+        f"  (or racto_nb.api.attach({batch_id!r}).resume(max_cost_usd=...))"
+    )
+
+
 def task_ended_early(task_id: str, result: TaskResult | None, *, why: str) -> str:
     """After a timeout or an interrupt on one task."""
-    state = (
-        f" (still {result.status.value})"
-        if result is not None and result.status is not TaskStatus.PENDING
-        else ""
-    )
+    state = f" (still {result.status.value})" if result is not None and result.status is not TaskStatus.PENDING else ""
     return (
         f"{why}: stopped waiting for task {task_id}{state}; it keeps running on the workers.\n"
         f"  get it later:  racto_nb.api.get_result({task_id!r})"

@@ -20,6 +20,7 @@ or when the wait times out. Reads are MGETs; nothing subscribes to pub/sub.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,7 @@ from racto_nb.engine.polling import poll
 from racto_nb.engine.worker import timed_out
 from racto_nb.errors import StillRunning
 from racto_nb.models import BatchProgress, TaskResult, TaskStatus
-from racto_nb.notebook.display import batch_ended_early, batch_started, task_ended_early
+from racto_nb.notebook.display import batch_ended_early, batch_paused, batch_started, task_ended_early
 from racto_nb.notebook.views import ProgressChoice, ProgressView, StatusView, make_view, notice
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 __all__ = ["BatchRun", "TaskRun", "wait_task"]
 
 DEFAULT_INTERVAL_S = 0.25
+#: How often a watcher looks at a paused batch, to see a resume from this kernel or another.
+PAUSED_LOOK_S = 1.0
 
 
 class BatchRun:
@@ -73,6 +76,7 @@ class BatchRun:
             progress,
             on_cancel=self.cancel if cancel_button else None,
             on_retry_failed=self.retry_failed,
+            on_resume=self.resume,
             title=title,
         )
         self._frame: pd.DataFrame | None = None
@@ -136,9 +140,7 @@ class BatchRun:
         run on a partial result. The batch itself keeps running.
         """
         try:
-            progress = self.batch.wait(
-                timeout_s=timeout_s, interval_s=self.interval_s, on_progress=self._draw_running
-            )
+            progress = self.batch.wait(timeout_s=timeout_s, interval_s=self.interval_s, on_progress=self._draw_running)
         except KeyboardInterrupt:
             self._close_view(self._last)
             try:
@@ -148,6 +150,10 @@ class BatchRun:
             raise
         if progress.finished:
             return self._finish(progress)
+        if progress.paused:
+            notice(batch_paused(self.batch_id, progress))
+            self.watch_in_background()  # the view stays live, and sees a resume from here or another kernel
+            return self.batch.to_frame()
         self._close_view(progress)
         notice(batch_ended_early(self.batch_id, progress, why=f"Timed out after {timeout_s:g} s"))
         return self.batch.to_frame()
@@ -165,17 +171,34 @@ class BatchRun:
 
     def _watch(self, timeout_s: float | None) -> None:
         try:
-            progress = self.batch.wait(
-                timeout_s=timeout_s, interval_s=self.interval_s, on_progress=self._draw_running, stop=self._stop
-            )
-            if progress.finished:
-                self._finish(progress)
-            else:
-                self._close_view(progress)
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                progress = self.batch.wait(
+                    timeout_s=left, interval_s=self.interval_s, on_progress=self._draw_running, stop=self._stop
+                )
+                if progress.finished:
+                    self._finish(progress)
+                elif progress.paused and self._wait_while_paused(progress, deadline):
+                    continue  # resumed (here or from another kernel): follow it again
+                else:
+                    self._close_view(progress)
+                return
         except Exception as exc:  # the backend went away: keep it for result(), never print from a thread
             self.error = exc
             self._close_view(self._last)
             self.done.set()
+
+    def _wait_while_paused(self, progress: BatchProgress, deadline: float | None) -> bool:
+        """Keep the paused view live, looking every :data:`PAUSED_LOOK_S`; ``True`` once the batch goes on."""
+        self._draw(progress)  # the reason, and the Resume button
+        while not self._stop.wait(PAUSED_LOOK_S):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            progress = self.batch.refresh()
+            if not progress.paused or not progress.settled:
+                return True
+        return False
 
     def stop_watching(self, timeout_s: float | None = 10.0) -> None:
         """Stop the background watcher (the batch keeps running) and freeze the view."""
@@ -247,10 +270,20 @@ class BatchRun:
 
     def retry_failed(self) -> int:
         """Resubmit the failed rows into this same batch and follow them; returns how many."""
-        count = self.batch.retry_failed()
-        if count:
+        return self._follow_again(self.batch.retry_failed())
+
+    def resume(self, max_cost_usd: float | None = None) -> int:
+        """Send the rows a pause held back (quota came back, or a higher ``max_cost_usd``); returns how many."""
+        return self._follow_again(self.batch.resume(max_cost_usd=max_cost_usd), always=True)
+
+    def _follow_again(self, count: int, *, always: bool = False) -> int:
+        if count or always:
             self._rounds += 1
             self.done.clear()
+            self._view_closed = False
+            again = getattr(self.view, "again", None)
+            if callable(again):
+                again()
             self.watch_in_background()
         return count
 
@@ -324,9 +357,7 @@ class TaskRun:
         return self._result
 
 
-def wait_task(
-    worker: RactoCeleryWorker, task_id: str, line: StatusView, timeout_s: float | None
-) -> TaskResult:
+def wait_task(worker: RactoCeleryWorker, task_id: str, line: StatusView, timeout_s: float | None) -> TaskResult:
     """Follow one task in this thread, drawing ``line``; the ``wait`` half of ``generate``.
 
     A timeout returns the task's real state with ``error_type="WaitTimeout"``; an

@@ -98,14 +98,26 @@ class NullView:
     def announce(self, text: str) -> None:
         """Say nothing."""
 
+
 #: The order count labels appear in: the order a task moves through them.
 COUNT_ORDER: tuple[TaskStatus, ...] = (
     TaskStatus.PENDING,
     TaskStatus.STARTED,
     TaskStatus.RETRY,
+    TaskStatus.PAUSED,
     TaskStatus.SUCCESS,
     TaskStatus.FAILURE,
     TaskStatus.REVOKED,
+)
+
+#: The bar's segments, left to right, and their colours: what is done first, then what still moves.
+SEGMENTS: tuple[tuple[TaskStatus, str], ...] = (
+    (TaskStatus.SUCCESS, "#2e7d32"),
+    (TaskStatus.FAILURE, "#c62828"),
+    (TaskStatus.REVOKED, "#9e9e9e"),
+    (TaskStatus.PAUSED, "#f9a825"),
+    (TaskStatus.RETRY, "#ef6c00"),
+    (TaskStatus.STARTED, "#64b5f6"),
 )
 
 
@@ -133,19 +145,67 @@ def fmt_rate(per_s: float) -> str:
 
 
 def fmt_stats(progress: BatchProgress) -> str:
-    """The rate · elapsed · ETA line; parts the engine could not estimate are left out rather
-    than shown as zeros that look like facts."""
+    """The rate · elapsed · ETA · dollars line; parts the engine could not estimate are left out
+    rather than shown as zeros that look like facts."""
     parts: list[str] = []
     if progress.rate_per_s is not None:
         parts.append(fmt_rate(progress.rate_per_s))
     parts.append(f"{fmt_duration(progress.elapsed_s)} elapsed")
-    if not progress.finished and progress.eta_s is not None:
+    if not progress.finished and not progress.paused and progress.eta_s is not None:
         parts.append(f"ETA {fmt_duration(progress.eta_s)}")
-    if progress.submitted is not None and progress.submitted < progress.total and not progress.finished:
+    if progress.submitted is not None and progress.submitted < progress.total and not progress.settled:
         parts.append(f"submitted {progress.submitted}/{progress.total}")
+    if progress.cost_usd:
+        parts.append(f"{fmt_usd(progress.cost_usd)} spent")
+    if progress.cached:
+        saved = f", {fmt_usd(progress.saved_usd)} saved" if progress.saved_usd else ""
+        parts.append(f"{progress.cached} cached{saved}")
     if progress.cancelled:
         parts.append("cancelled")
     return " · ".join(parts)
+
+
+def fmt_usd(dollars: float) -> str:
+    """Cents where they matter, fractions of a cent where a cheap model makes them the point."""
+    return f"${dollars:,.2f}" if dollars >= 1 else f"${dollars:.4f}"
+
+
+def fmt_state(progress: BatchProgress) -> str:
+    """What the batch as a whole is doing, in a few words: how a glance reads the view."""
+    revoked, failed = progress.count(TaskStatus.REVOKED), progress.count(TaskStatus.FAILURE)
+    if progress.cancelled and (progress.finished or progress.settled):
+        return f"Cancelled — {revoked} revoked"
+    if progress.cancelled:
+        return f"Cancelling — {revoked} revoked, running calls finish"
+    if progress.paused:
+        return f"Paused — {progress.pause_reason or 'waiting'}"
+    if progress.finished:
+        return f"Finished — {failed} failed" if failed else "Finished"
+    return "Running"
+
+
+def shares(progress: BatchProgress) -> dict[TaskStatus, float]:
+    """Each state's share of the tasks, for the bar's segments (pending is what is left)."""
+    total = max(progress.total, 1)
+    return {status: progress.count(status) / total for status, _ in SEGMENTS}
+
+
+def bar_html(progress: BatchProgress) -> str:
+    """A bar with one segment per state, so a few failures show as a sliver of red, not a red bar."""
+    parts = []
+    for (status, colour), share in zip(SEGMENTS, shares(progress).values(), strict=True):
+        if share > 0:
+            title = f"{status.value}: {progress.count(status)}"
+            parts.append(
+                f"<div title='{title}' style='width:{share * 100:.3f}%;background:{colour};height:100%'></div>"
+            )
+    label = f"{progress.done}/{progress.total}"
+    return (
+        "<div style='position:relative;width:100%;height:1.2em;background:#eceff1;border-radius:3px;"
+        f"overflow:hidden;display:flex'>{''.join(parts)}"
+        "<span style='position:absolute;left:0;right:0;text-align:center;font-size:0.85em;line-height:1.2em'>"
+        f"{label}</span></div>"
+    )
 
 
 def fmt_counts(progress: BatchProgress) -> str:
@@ -159,15 +219,23 @@ def fmt_counts(progress: BatchProgress) -> str:
     ]
     if progress.count(TaskStatus.REVOKED):
         parts.append(f"revoked={progress.count(TaskStatus.REVOKED)}")
+    if progress.paused:
+        parts.append(f"paused={progress.count(TaskStatus.PAUSED)}")
+    if progress.skipped:
+        parts.append(f"skipped={progress.skipped}")
+    if progress.cached:
+        parts.append(f"cached={progress.cached}")
+    if progress.cost_usd:
+        parts.append(fmt_usd(progress.cost_usd))
     if progress.cancelled:
         parts.append("cancelled")
     return " ".join(parts)
 
 
 def bar_style(progress: BatchProgress) -> str:
-    """Colour of the bar. Cancelled wins over danger: a cancelled batch has revoked tasks by
-    design, and red would report the user's own choice as a fault."""
-    if progress.cancelled:
+    """The view's frame colour, for the batch as a whole. Cancelled wins over danger: a cancelled
+    batch has revoked tasks by design, and red would report the user's own choice as a fault."""
+    if progress.cancelled or progress.paused:
         return "warning"
     if not progress.finished:
         return ""
@@ -193,16 +261,17 @@ def _header_html(title: str, batch_id: str) -> str:
 
 
 class WidgetProgressView:
-    """An ipywidgets panel: header with the batch id, bar, per-state counts, stats, buttons.
+    """An ipywidgets panel: header with the batch id, the state, a bar of each state's share,
+    per-state counts, stats with dollars, a note, and buttons.
 
-    Updates may come from any thread (see the module docstring). Widgets are public
-    attributes so tests assert their values without a browser. ``close`` keeps the
-    widgets alive, because the final state and the "Retry failed" button are the point
-    of looking at a finished batch; later ``update`` calls are ignored so a slow poller
-    cannot paint an older snapshot over the final one.
+    Updates may come from any thread (see :mod:`racto_nb.notebook.kernel`). Widgets are
+    public attributes so tests assert their values without a browser. ``close`` keeps the
+    widgets alive, because the final state and the "Retry failed" button are the point of
+    looking at a finished batch; later ``update`` calls are ignored so a slow poller cannot
+    paint an older snapshot over the final one.
     """
 
-    #: The "Retry failed" button stays useful after the batch ends.
+    #: The "Retry failed" and "Resume" buttons stay useful after the batch stops moving.
     interactive = True
 
     def __init__(
@@ -210,49 +279,62 @@ class WidgetProgressView:
         *,
         on_cancel: Callable[[], object] | None = None,
         on_retry_failed: Callable[[], object] | None = None,
+        on_resume: Callable[[], object] | None = None,
         title: str = "",
     ) -> None:
         import ipywidgets as widgets  # deferred: workers and text-only sessions never pay for it
 
         self._title = title
-        self._on_cancel = on_cancel
-        self._on_retry_failed = on_retry_failed
         self._lock = threading.Lock()
         self._ctx = CellContext()
         self._batch_id: str | None = None
         self._closed = False
-        self._cancel_requested = False
-        self._retry_requested = False
+        self._clicked: set[str] = set()
+        #: The last snapshot drawn (tests and ``_repr_html_`` read it).
+        self.last: BatchProgress | None = None
 
         self.header: Any = widgets.HTML(value=f"<b>{html.escape(title)}</b>" if title else "")
-        self.bar: Any = widgets.IntProgress(
-            value=0, min=0, max=1, bar_style="", description="0/0", layout=widgets.Layout(width="45%")
-        )
+        self.state: Any = widgets.HTML(value="Starting")
+        self.bar: Any = widgets.HTML(value="", layout=widgets.Layout(width="45%"))
         self.counts: dict[TaskStatus, Any] = {
             status: widgets.HTML(value=f"{status.value}: 0", layout=widgets.Layout(margin="0 1.2em 0 0"))
             for status in COUNT_ORDER
         }
+        self.skipped: Any = widgets.HTML(value="", layout=widgets.Layout(margin="0 1.2em 0 0"))
         self.stats: Any = widgets.HTML(value="")
+        self.note: Any = widgets.HTML(value="")
         self.cancel_button: Any = widgets.Button(description="Cancel", icon="stop", tooltip="Revoke tasks")
         self.retry_button: Any = widgets.Button(
             description="Retry failed", icon="redo", disabled=True, tooltip="Resubmit the failed rows"
         )
-        for button, callback, handler in (
-            (self.cancel_button, on_cancel, self._cancel_clicked),
-            (self.retry_button, on_retry_failed, self._retry_clicked),
+        self.resume_button: Any = widgets.Button(
+            description="Resume", icon="play", disabled=True, tooltip="Send the paused rows"
+        )
+        self._callbacks = {"cancel": on_cancel, "retry": on_retry_failed, "resume": on_resume}
+        for name, button in (
+            ("cancel", self.cancel_button),
+            ("retry", self.retry_button),
+            ("resume", self.resume_button),
         ):
-            if callback is None:
+            if self._callbacks[name] is None:
                 button.layout.display = "none"  # a button that cannot do anything is noise
             else:
-                button.on_click(handler)
+                button.on_click(lambda _button, name=name: self._clicked_once(name))
+        self.resume_button.layout.display = "none"  # shown while the batch is paused
         self.box: Any = widgets.VBox(
             [
                 self.header,
-                widgets.HBox([self.bar, self.cancel_button, self.retry_button]),
-                widgets.HBox(list(self.counts.values())),
+                widgets.HBox([self.state]),
+                widgets.HBox([self.bar, self.cancel_button, self.retry_button, self.resume_button]),
+                widgets.HBox([*self.counts.values(), self.skipped]),
                 self.stats,
+                self.note,
             ]
         )
+        # Names a page (and a test driving one in a browser) can find the parts by.
+        self.box.add_class("racto-progress")
+        self.state.add_class("racto-state")
+        self.bar.add_class("racto-bar")
 
     def display(self) -> None:
         """Show the panel and adopt the displaying cell as the one updates are sent for."""
@@ -280,39 +362,65 @@ class WidgetProgressView:
             if self._closed:
                 return
             self._closed = last
+            self.last = progress
             if progress.batch_id != self._batch_id:
                 self._batch_id = progress.batch_id
                 self.header.value = _header_html(self._title, progress.batch_id)
-            done, total = progress.done, progress.total
-            with self.bar.hold_sync():  # one message, so the front-end never sees value > max
-                self.bar.max = max(total, 1)
-                self.bar.value = min(done, total) if total else int(progress.finished)
-                self.bar.bar_style = bar_style(progress)
-                self.bar.description = f"{done}/{total}"
+            colour = {"success": "#2e7d32", "danger": "#c62828", "warning": "#ef6c00"}.get(bar_style(progress), "")
+            state = html.escape(fmt_state(progress))
+            self.state.value = f"<b style='color:{colour}'>{state}</b>" if colour else f"<b>{state}</b>"
+            self.bar.value = bar_html(progress)
             for status, label in self.counts.items():
                 label.value = f"{status.value}: {progress.count(status)}"
+                label.layout.display = "none" if status is TaskStatus.PAUSED and not progress.count(status) else None
             failures = progress.count(TaskStatus.FAILURE)
             self.counts[TaskStatus.FAILURE].style.text_color = "#c62828" if failures else None
+            self.skipped.value = f"skipped: {progress.skipped}" if progress.skipped else ""
             self.stats.value = html.escape(fmt_stats(progress))
-            ended = progress.finished or progress.cancelled
-            self.cancel_button.disabled = ended or self._cancel_requested
-            self.retry_button.disabled = not (ended and failures > 0) or self._retry_requested
+            self.note.value = f"<i>{html.escape(progress.note)}</i>" if progress.note else ""
+            settled = progress.settled or progress.cancelled
+            self.cancel_button.disabled = progress.finished or progress.cancelled or "cancel" in self._clicked
+            self.retry_button.disabled = not (settled and failures > 0) or "retry" in self._clicked
+            if not self.retry_button.disabled:
+                self.retry_button.description = "Retry failed"
+            if self._callbacks["resume"] is not None:
+                self.resume_button.layout.display = None if progress.paused else "none"
+                self.resume_button.disabled = not progress.paused or "resume" in self._clicked
+                if not self.resume_button.disabled:
+                    self.resume_button.description = "Resume"
 
-    def _cancel_clicked(self, _button: Any) -> None:
-        if self._on_cancel is None or self._cancel_requested:
+    def _clicked_once(self, name: str) -> None:
+        """One click, one action: a second click on the same button does nothing."""
+        callback = self._callbacks[name]
+        if callback is None or name in self._clicked:
             return
-        self._cancel_requested = True  # a second click must not revoke twice
-        self.cancel_button.disabled = True
-        self.cancel_button.description = "Cancelling…"
-        self._on_cancel()
+        self._clicked.add(name)
+        button = {"cancel": self.cancel_button, "retry": self.retry_button, "resume": self.resume_button}[name]
+        button.disabled = True
+        button.description = {"cancel": "Cancelling…", "retry": "Retry submitted", "resume": "Resumed"}[name]
+        callback()
 
-    def _retry_clicked(self, _button: Any) -> None:
-        if self._on_retry_failed is None or self._retry_requested:
-            return
-        self._retry_requested = True  # one click, one resubmission
-        self.retry_button.disabled = True
-        self.retry_button.description = "Retry submitted"
-        self._on_retry_failed()
+    def again(self) -> None:
+        """A new round started (Retry failed, Resume): its buttons work once more."""
+        self._clicked -= {"retry", "resume"}
+        with self._lock:
+            self._closed = False
+
+    def _repr_html_(self) -> str:
+        """The last state as static HTML: what a notebook saved by nbconvert, or read elsewhere, shows."""
+        return progress_html(self.last, self._title) if self.last is not None else html.escape(self._title)
+
+
+def progress_html(progress: BatchProgress, title: str = "") -> str:
+    """A batch's state as one static block of HTML (the widget's look, without widgets)."""
+    shown = [s for s in COUNT_ORDER if progress.count(s) or s in (TaskStatus.SUCCESS, TaskStatus.FAILURE)]
+    counts = " · ".join(f"{s.value}: {progress.count(s)}" for s in shown)
+    note = f"<div><i>{html.escape(progress.note)}</i></div>" if progress.note else ""
+    return (
+        f"<div>{_header_html(title, progress.batch_id)}</div><div><b>{html.escape(fmt_state(progress))}</b></div>"
+        f"<div style='width:45%'>{bar_html(progress)}</div><div>{html.escape(counts)}</div>"
+        f"<div>{html.escape(fmt_stats(progress))}</div>{note}"
+    )
 
 
 class TextProgressView:
@@ -418,6 +526,7 @@ def make_view(
     *,
     on_cancel: Callable[[], object] | None = None,
     on_retry_failed: Callable[[], object] | None = None,
+    on_resume: Callable[[], object] | None = None,
     title: str = "",
 ) -> ProgressView:
     """The batch view for ``prefer``; a ready-made view object is used as it is."""
@@ -425,7 +534,9 @@ def make_view(
         return prefer
     chosen = front_end(prefer)
     if chosen == "widget":
-        return WidgetProgressView(on_cancel=on_cancel, on_retry_failed=on_retry_failed, title=title)
+        return WidgetProgressView(
+            on_cancel=on_cancel, on_retry_failed=on_retry_failed, on_resume=on_resume, title=title
+        )
     if chosen == "text":
         return TextProgressView(title=title)
     return NullView()

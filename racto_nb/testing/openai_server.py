@@ -120,6 +120,10 @@ class Fault:
     kind: FaultKind = "status"
     hang_s: float = 30.0
     message: str | None = None
+    #: The error body's ``code`` instead of the status's usual one (``"insufficient_quota"`` on a 429).
+    code: str | None = None
+    #: Extra response headers, on an error or a normal reply (``x-ratelimit-remaining-requests``...).
+    headers: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("status", "hang", "drop"):
@@ -165,8 +169,7 @@ class Fault:
         if head.isdigit():
             return cls(status=int(head), retry_after=arg or None)
         raise ValueError(
-            f"unknown fault {spec!r}: use 'ok', an HTTP status like '500' or '429:2', 'hang', "
-            "'hang:SECONDS' or 'drop'"
+            f"unknown fault {spec!r}: use 'ok', an HTTP status like '500' or '429:2', 'hang', 'hang:SECONDS' or 'drop'"
         )
 
     @property
@@ -248,9 +251,7 @@ def _text_of(content: object) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return " ".join(
-            str(part.get("text", "")) for part in content if isinstance(part, dict) and "text" in part
-        )
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict) and "text" in part)
     return ""
 
 
@@ -309,9 +310,7 @@ class _State:
             self.cases.clear()
             self.latency_s = self.initial_latency_s
 
-    def admit(
-        self, case: str, path: str, authorization: str | None, body: dict[str, Any]
-    ) -> tuple[Fault, float, int]:
+    def admit(self, case: str, path: str, authorization: str | None, body: dict[str, Any]) -> tuple[Fault, float, int]:
         """Record a request and decide its fate: (fault, latency, seq within case)."""
         arrived = time.monotonic()
         model = body.get("model")
@@ -340,6 +339,8 @@ class _State:
 
 
 class _Handler(BaseHTTPRequestHandler):
+    #: Headers the current request's fault adds to its reply (set by ``_admit``).
+    reply_headers: dict[str, str] = {}  # noqa: RUF012 - replaced per request, never mutated
     # HTTP/1.1 keep-alive lets the SDK's pool reuse connections; at ~1000
     # req/s a TCP handshake per request would dominate. Every response sets
     # Content-Length, which keep-alive requires.
@@ -381,10 +382,11 @@ class _Handler(BaseHTTPRequestHandler):
         status: int,
         message: str | None = None,
         headers: dict[str, str] | None = None,
+        code: str | None = None,
     ) -> None:
         fallback = ("server_error" if status >= 500 else "invalid_request_error", None, "Error")
-        kind, code, default = _ERRORS.get(status, fallback)
-        error = {"message": message or default, "type": kind, "param": None, "code": code}
+        kind, usual, default = _ERRORS.get(status, fallback)
+        error = {"message": message or default, "type": kind, "param": None, "code": code or usual}
         self._send_json(status, {"error": error}, headers)
 
     def _drop(self) -> None:
@@ -454,8 +456,9 @@ class _Handler(BaseHTTPRequestHandler):
         if fault.kind == "drop":
             self._drop()
             return None
+        self.reply_headers = dict(fault.headers or {})
         if fault.status != 200:
-            headers = {"x-request-id": f"req_{case}_{seq}"}
+            headers = {"x-request-id": f"req_{case}_{seq}", **self.reply_headers}
             if fault.retry_after is not None:
                 headers["Retry-After"] = fault.retry_after
             if fault.retry_after_ms is not None:
@@ -464,7 +467,7 @@ class _Handler(BaseHTTPRequestHandler):
                 f"{_ERRORS.get(fault.status, ('', None, 'Error'))[2]} "
                 f"(injected by FakeOpenAIServer: case {case!r}, request #{seq})"
             )
-            self._send_error_json(fault.status, message, headers)
+            self._send_error_json(fault.status, message, headers, code=fault.code)
             return None
         return seq
 
@@ -483,8 +486,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         response_format = body.get("response_format")
         json_mode = JSON_MARKER in user_text or (
-            isinstance(response_format, dict)
-            and response_format.get("type") in ("json_object", "json_schema")
+            isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema")
         )
         if json_mode:
             reply: dict[str, str] = {"echo": user_text}
@@ -517,6 +519,7 @@ class _Handler(BaseHTTPRequestHandler):
                 },
                 "system_fingerprint": None,
             },
+            self.reply_headers,
         )
 
     def _embeddings(self, path: str, body: dict[str, Any]) -> None:
@@ -768,9 +771,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    with FakeOpenAIServer(
-        args.host, args.port, latency_s=args.latency, embedding_dim=args.embedding_dim
-    ) as srv:
+    with FakeOpenAIServer(args.host, args.port, latency_s=args.latency, embedding_dim=args.embedding_dim) as srv:
         print(srv.base_url, flush=True)
         while not done.wait(1.0):
             pass
