@@ -3,7 +3,8 @@
 * :func:`run_batch` fans a Series, a DataFrame (with a template) or a list of
   strings out as one task per row and gives back a DataFrame indexed like the
   input (blocking), or a :class:`~racto_nb.notebook.runs.BatchRun` (``wait=False``).
-* :func:`attach` rebuilds a batch by id, e.g. after a kernel restart.
+* :func:`attach` rebuilds a batch by id (or ``"latest"``), e.g. after a kernel restart;
+  :func:`batches` lists the recent ones, for an id lost with a kernel's output.
 * :func:`generate` sends one prompt and follows it on a status line.
 * :func:`get_result` reads one task's state now.
 * :func:`connect`, :func:`start_workers`, :func:`stop_workers`,
@@ -42,6 +43,8 @@ import pandas as pd
 from typing_extensions import Unpack
 
 from racto_nb.batch.batch import Batch
+from racto_nb.batch.catalog import LATEST, latest_batch_id, recent_batches
+from racto_nb.batch.checkpoint import SKIPPED_STATUS
 from racto_nb.batch.estimate import estimate_rows
 from racto_nb.batch.rows import Source, prepare_rows
 from racto_nb.batch.templates import MissingRule
@@ -50,7 +53,7 @@ from racto_nb.errors import InvalidArgument
 from racto_nb.fleet.connection import connect, current_worker, disconnect
 from racto_nb.fleet.processes import WorkerProcess, running_workers, start_workers, stop_workers
 from racto_nb.fleet.status import FleetStatus, status
-from racto_nb.models import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, TaskResult
+from racto_nb.models import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, TaskResult, TaskStatus
 from racto_nb.notebook.runs import DEFAULT_INTERVAL_S, BatchRun, TaskRun, wait_task
 from racto_nb.notebook.status_line import make_status_line
 from racto_nb.notebook.views import ProgressChoice, ProgressView, StatusView, check_progress, notice
@@ -64,6 +67,7 @@ __all__ = [
     "TaskRun",
     "WorkerProcess",
     "attach",
+    "batches",
     "clear_cache",
     "connect",
     "disconnect",
@@ -277,7 +281,8 @@ def _attach(
         raise InvalidArgument("attach needs the batch id shown when the batch was submitted")
     chosen = resolve_worker(worker)
     _check_priced(chosen, max_cost_usd)
-    batch = Batch.attach(chosen, batch_id.strip())
+    wanted = batch_id.strip()
+    batch = Batch.attach(chosen, latest_batch_id(chosen) if wanted == LATEST else wanted)
     run = BatchRun(
         batch, progress=progress, title=title, on_done=on_done, interval_s=interval_s, cancel_button=not wait
     )
@@ -288,6 +293,36 @@ def _attach(
         resumed = batch.resume(max_cost_usd=max_cost_usd)
         notice(f"batch {batch.batch_id}: resumed; {resumed} paused rows sent again")
     return _follow(run, wait, timeout_s)
+
+
+def batches(limit: int = 20, *, worker: RactoCeleryWorker | None = None) -> pd.DataFrame:
+    """The ``limit`` newest batches in the result backend, newest first, one row each.
+
+    Columns: ``submitted_at`` (UTC), ``rows``, one count per final state
+    (from the checkpoint on this machine), ``unfinished`` (``<NA>`` when the
+    checkpoint is on another machine), ``title`` (the magic's line) and
+    ``host``; the index is the batch id, ready for :func:`attach`.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InvalidArgument(f"limit must be a whole number >= 1 (got {limit!r})")
+    found = recent_batches(resolve_worker(worker), limit)
+    states = [s.value for s in TaskStatus if s.is_final] + [SKIPPED_STATUS]
+    records = [
+        {
+            "batch_id": b.batch_id,
+            "submitted_at": b.submitted_at,
+            "rows": b.rows,
+            **{state: b.counts.get(state, 0) for state in states},
+            "unfinished": b.unfinished,
+            "title": b.title,
+            "host": b.host,
+        }
+        for b in found
+    ]
+    columns = ["batch_id", "submitted_at", "rows", *states, "unfinished", "title", "host"]
+    frame = pd.DataFrame.from_records(records, columns=columns).set_index("batch_id")
+    frame["unfinished"] = frame["unfinished"].astype("Int64")
+    return frame
 
 
 def _follow(run: BatchRun, wait: bool, timeout_s: float | None) -> pd.DataFrame | BatchRun:

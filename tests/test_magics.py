@@ -6,6 +6,7 @@ asserted directly; ``run_cell`` is used where what the user sees matters.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -189,6 +190,72 @@ def test_a_re_run_cell_is_answered_by_the_ledger_unless_no_cache(
     assert list(ip.user_ns["fresh"]["content"]) == list(ip.user_ns["first"]["content"])
 
 
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('df["review"] --templ "{review}"', "unknown option --templ; did you mean --template?"),
+        ('df["review"] -template "{review}"', "-template is not an option: did you mean --template?"),
+        ('df["review"] --out labels extra', "unexpected word 'extra'"),
+        ('df["review"] --out-of-this-world 1', "unknown option --out-of-this-world"),
+    ],
+)
+def test_options_are_never_guessed(ip: InteractiveShell, line: str, message: str) -> None:
+    ip.user_ns["df"] = _frame("never-sent")
+    with pytest.raises(UsageError, match=re.escape(message)):
+        ip.run_line_magic("racto_batch", line)
+
+
+@pytest.mark.parametrize("magic", ["racto_batch", "racto_connect", "racto_workers", "racto_status", "racto_batches"])
+def test_every_magic_answers_help(ip: InteractiveShell, magic: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert ip.run_line_magic(magic, "--help") is None
+    out = capsys.readouterr().out
+    assert out.startswith(f"::\n\n  %{magic}") and "--help" not in out.split("\n")[2]
+    ip.run_cell_magic("racto_generate", "-h", "never sent")
+    assert "%racto_generate" in capsys.readouterr().out
+
+
+def test_a_real_bug_keeps_its_traceback_and_short_errors_false_keeps_every_one(
+    ip: InteractiveShell, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ip.user_ns["df"] = _frame("never-sent")
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ValueError("a bug deep inside")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(racto_nb.api, "run_batch", broken)
+        result = ip.run_cell('%racto_batch df["review"]')
+    assert isinstance(result.error_in_exec, ValueError)  # not turned into a one-line UsageError
+    shown = capsys.readouterr()
+    assert "Traceback" in shown.out + shown.err and "a bug deep inside" in shown.out + shown.err
+
+    ip.run_line_magic("config", "RactoMagics.short_errors = False")
+    try:
+        result = ip.run_cell('%racto_batch df --template "{missing_col}"')
+    finally:
+        ip.run_line_magic("config", "RactoMagics.short_errors = True")
+    assert type(result.error_in_exec).__name__ == "TemplateError"  # the real class, with its traceback
+
+
+def test_batches_lists_the_newest_first_and_attach_latest_finds_it(
+    ip: InteractiveShell, unique_case: str
+) -> None:
+    ip.user_ns["df"] = _frame(unique_case)
+    ip.run_line_magic("racto_batch", 'df["review"] --out first')
+    ip.run_line_magic("racto_batch", 'df["review"] --out second --no-cache')
+    second = ip.user_ns["second"].attrs["racto_batch_id"]
+
+    listed = ip.run_line_magic("racto_batches", "--limit 2")
+
+    assert listed.index[0] == second
+    assert listed.index[1] == ip.user_ns["first"].attrs["racto_batch_id"]
+    newest = listed.loc[second]
+    assert (newest["rows"], newest["success"], newest["skipped"], newest["unfinished"]) == (3, 2, 1, 0)
+    assert newest["title"] == '%racto_batch df["review"] --out second --no-cache'
+    ip.run_line_magic("racto_batch", "--attach latest --out again")
+    pd.testing.assert_frame_equal(ip.user_ns["again"], ip.user_ns["second"])
+
+
 def test_usage_errors_show_no_traceback(ip: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> None:
     ip.user_ns["df"] = _frame("never-sent")
 
@@ -353,3 +420,95 @@ def test_unload_removes_the_magics() -> None:
     assert "racto_generate" not in ip.magics_manager.magics["cell"]
     ip.run_line_magic("load_ext", "racto_nb")  # the module fixture expects them back
     ip.run_line_magic("config", 'RactoMagics.progress = "none"')
+
+
+# ---------------------------------------------------------------------------- habits
+
+
+def _reviews(case: str, n: int) -> pd.DataFrame:
+    return pd.DataFrame({"review": [f"review {i} [case:{case}]" for i in range(n)], "stars": range(n)})
+
+
+@pytest.mark.filterwarnings("ignore:The inplace keyword")  # deprecated in pandas 3.1, and still what people type
+def test_write_back_follows_labels_when_the_frame_is_sorted_and_cut_during_the_batch(
+    ip: InteractiveShell, fake_openai: FakeOpenAIServer, unique_case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_openai.script(unique_case, [], latency_s=0.3)
+    ip.user_ns["df"] = df = _reviews(unique_case, 30)
+    ip.run_line_magic("racto_batch", 'df["review"] --write-back answer --out run --background')
+
+    df.sort_values("stars", ascending=False, inplace=True)  # what people do while it runs
+    df.drop(index=[3, 7], inplace=True)
+    df.loc[99] = ["added later", 99]
+    run = ip.user_ns["run"]
+    assert run.done.wait(60)
+
+    for label in (0, 12, 29):
+        assert df.loc[label, "answer"] == f"echo: review {label} [case:{unique_case}]"  # its own answer
+    assert pd.isna(df.loc[99, "answer"])
+    assert isinstance(ip.user_ns["run"], pd.DataFrame) and len(ip.user_ns["run"]) == 30  # --out filled
+    assert "2 answered rows are no longer in the frame" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:The inplace keyword")
+def test_write_back_refuses_to_guess_with_duplicate_labels_in_a_changed_frame(
+    ip: InteractiveShell, unique_case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ip.user_ns["df"] = df = _reviews(unique_case, 4).set_axis([1, 1, 2, 2])
+    ip.run_line_magic("racto_batch", 'df["review"] --write-back answer --out run --background')
+    df.sort_values("stars", ascending=False, inplace=True)
+    assert ip.user_ns["run"].done.wait(60)
+
+    assert "answer" not in df.columns
+    assert "duplicate labels, so no answer can be placed for sure" in capsys.readouterr().out
+
+
+def test_a_re_run_background_cell_owns_out_and_the_write_back_column(
+    ip: InteractiveShell, fake_openai: FakeOpenAIServer, unique_case: str
+) -> None:
+    slow, quick = f"{unique_case}-slow", f"{unique_case}-quick"
+    fake_openai.script(slow, [], latency_s=1.5)
+    ip.user_ns["df"] = df = pd.DataFrame({"review": [f"a [case:{slow}]", f"b [case:{slow}]"]})
+    ip.run_line_magic("racto_batch", 'df["review"] --write-back answer --out labels --background')
+    older = ip.user_ns["labels"]
+    df["review"] = [f"a [case:{quick}]", f"b [case:{quick}]"]  # the user fixes the prompts and runs the cell again
+    ip.run_line_magic("racto_batch", 'df["review"] --write-back answer --out labels --background')
+    newer = ip.user_ns["labels"]
+    assert newer.done.wait(30) and older.done.wait(30)  # the older one ends last
+
+    assert list(ip.user_ns["labels"]["content"]) == [f"echo: a [case:{quick}]", f"echo: b [case:{quick}]"]
+    assert list(df["answer"]) == [f"echo: a [case:{quick}]", f"echo: b [case:{quick}]"]
+    assert list(older.result()["content"]) == [f"echo: a [case:{slow}]", f"echo: b [case:{slow}]"]
+
+
+def test_a_background_batch_that_times_out_ends_with_the_rows_as_they_are(
+    ip: InteractiveShell, fake_openai: FakeOpenAIServer, unique_case: str
+) -> None:
+    fake_openai.script(unique_case, [], latency_s=2.0)
+    ip.user_ns["df"] = _reviews(unique_case, 3)
+    ip.run_line_magic("racto_batch", 'df["review"] --out labels --background --timeout 0.5')
+    run = ip.user_ns["labels"]
+
+    assert run.done.wait(10) and run.timed_out
+    assert set(run.result()["status"]) <= {"pending", "started"}
+    assert isinstance(ip.user_ns["labels"], pd.DataFrame) and len(ip.user_ns["labels"]) == 3
+
+
+def test_an_on_done_error_is_reported_the_same_for_a_task_and_a_batch_and_fails_neither(
+    worker: RactoCeleryWorker, unique_case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def clumsy(value: object) -> None:
+        raise KeyError("the user's own bug")
+
+    batch = racto_nb.api.run_batch(
+        [f"x [case:{unique_case}]"], worker=worker, wait=False, progress="none", on_done=clumsy
+    )
+    task = racto_nb.api.generate(f"y [case:{unique_case}]", worker=worker, wait=False, progress="none", on_done=clumsy)
+    assert batch.done.wait(30) and task.done.wait(30)
+    settle_threads()
+
+    assert list(batch.result()["status"]) == ["success"] and task.result().status is TaskStatus.SUCCESS
+    assert isinstance(batch.callback_error, KeyError) and isinstance(task.callback_error, KeyError)
+    out = capsys.readouterr().out
+    assert f"batch {batch.batch_id} is complete, but its on_done callback raised KeyError" in out
+    assert f"task {task.task_id} is complete, but its on_done callback raised KeyError" in out

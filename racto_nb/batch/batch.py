@@ -49,7 +49,8 @@ from celery import states
 from celery.exceptions import TaskRevokedError
 from celery.utils import uuid
 
-from racto_nb.batch.checkpoint import INPUT_PART_ROWS, Checkpoint
+from racto_nb.batch.catalog import remember
+from racto_nb.batch.checkpoint import INPUT_PART_ROWS, SKIPPED_STATUS, Checkpoint
 from racto_nb.batch.rows import Rows
 from racto_nb.batch.twins import Twins, request_hashes
 from racto_nb.config import load_config
@@ -88,7 +89,6 @@ __all__ = ["FRAME_COLUMNS", "SKIPPED_ERROR_TYPE", "SKIPPED_STATUS", "Batch"]
 
 #: ``error_type`` of rows that were never sent (their frame status is ``skipped``).
 SKIPPED_ERROR_TYPE = "NotSent"
-SKIPPED_STATUS = "skipped"
 MANIFEST_VERSION = 2
 FRAME_COLUMNS = [
     "task_id",
@@ -145,6 +145,8 @@ VANISHED_AFTER_S = 15.0
 MANIFEST_EVERY_S = 5.0
 #: The publisher lease: renewed by the kernel that publishes, so only one kernel ever does.
 PUBLISHER_LEASE_S = 30.0
+#: An attach waits for the submitting kernel's checkpoint while a new input part appears at least this often.
+SPOOL_STALL_S = 3.0
 
 
 @dataclass(eq=False)
@@ -284,6 +286,7 @@ class Batch:
         )
         batch._rows = rows
         batch.save_manifest()
+        retrying(lambda: remember(worker, batch_id, manifest["created_at"]), budget_s=batch.publish_budget_s)
         if max_cost_usd is not None:
             batch._budget().set_cap(float(max_cost_usd))
         checkpoint.write_index(rows.index)
@@ -404,8 +407,26 @@ class Batch:
             self.max_cost_usd = cap
             self.manifest.setdefault("opts", {})["max_cost_usd"] = cap
 
+    def _wait_for_inputs(self) -> None:
+        """Attached while the submitting kernel still checkpoints the inputs: wait while it makes progress.
+
+        It holds the publisher lease while it spools; parts appear every few
+        hundred milliseconds. A lease with no new part for
+        :data:`SPOOL_STALL_S` is a kernel that died (its lease has not expired yet).
+        """
+        parts, changed = self.checkpoint.spooled_parts(), time.monotonic()
+        while not self.checkpoint.inputs_complete() and self.store.exists(publisher_key(self.batch_id)):
+            now = time.monotonic()
+            current = self.checkpoint.spooled_parts()
+            if current != parts:
+                parts, changed = current, now
+            elif now - changed >= SPOOL_STALL_S:
+                return
+            time.sleep(0.05)
+
     def _fail_unrecorded(self) -> None:
         """Rows the submitting kernel never checkpointed (it died within its first seconds) cannot be sent."""
+        self._wait_for_inputs()
         if self.checkpoint.inputs_complete():
             return
         recorded = self.checkpoint.spooled_parts() * INPUT_PART_ROWS
@@ -464,6 +485,8 @@ class Batch:
         """
         try:
             if self._rows is not None:
+                # Held while the inputs are checkpointed, so a kernel attaching meanwhile waits for them.
+                self._hold_publisher_lease()
                 self._spool()
             while not self._stop_publishing.is_set():
                 if not self._hold_publisher_lease():

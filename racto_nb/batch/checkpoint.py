@@ -32,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["INPUT_PART_ROWS", "RESULT_SCHEMA", "Checkpoint", "InputRows"]
+__all__ = ["INPUT_PART_ROWS", "RESULT_SCHEMA", "SKIPPED_STATUS", "Checkpoint", "InputRows"]
 
 #: Rows per inputs file: a publisher holds at most two of them in memory.
 INPUT_PART_ROWS = 50_000
@@ -48,6 +48,9 @@ INPUT_SCHEMA = pa.schema(
 )
 
 #: One final row as the checkpoint keeps it (``parsed`` as JSON text; the frame decodes it).
+#: The status of a row that was never sent (a missing value), in frames and listings.
+SKIPPED_STATUS = "skipped"
+
 RESULT_SCHEMA = pa.schema(
     [
         ("position", pa.int64()),
@@ -227,6 +230,15 @@ class Checkpoint:
             name = f"part-{self._result_part:05d}.parquet"
             self._result_part += 1
         _atomic_write_table(self.path / "results" / name, table)
+
+    def final_statuses(self) -> list[str]:
+        """The latest recorded status of each row that has one (two columns read, for listings)."""
+        files = sorted((self.path / "results").glob("part-*.parquet"))
+        if not files:
+            return []
+        table = pa.concat_tables([pq.read_table(f, columns=["position", "status"]) for f in files])
+        latest: dict[int, str] = dict(zip(table["position"].to_pylist(), table["status"].to_pylist(), strict=True))
+        return list(latest.values())
 
     def results(self) -> pa.Table:
         """Every result written so far, the latest per position last (files in the order they were written)."""

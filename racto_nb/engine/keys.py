@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "PREFIX",
     "batch_key",
+    "batches_key",
     "budget_key",
     "cancel_key",
     "chunk_task_id",
@@ -39,6 +40,11 @@ def chunk_task_id(batch_id: str, round_no: int, chunk: int) -> str:
 def batch_key(batch_id: str) -> str:
     """The batch's manifest (JSON, small): written by the submitting kernel, read by ``attach``."""
     return f"{PREFIX}batch:{batch_id}"
+
+
+def batches_key() -> str:
+    """Every batch submitted to this backend and when (a hash id -> time): written at submit, read by ``batches()``."""
+    return f"{PREFIX}batches"
 
 
 def published_key(batch_id: str) -> str:

@@ -66,6 +66,8 @@ class Store(Protocol):
 
     def hgetall(self, key: str) -> dict[str, str]: ...
 
+    def hdel(self, key: str, *fields: str) -> None: ...
+
     def renew(self, key: str, token: str, ttl_s: float) -> bool:
         """Extend ``key``'s expiry if it still holds ``token`` (a lease its holder keeps alive)."""
 
@@ -208,6 +210,10 @@ class RedisStore:
     def hgetall(self, key: str) -> dict[str, str]:
         return {_text(k): _text(v) for k, v in self.client.hgetall(key).items()}
 
+    def hdel(self, key: str, *fields: str) -> None:
+        if fields:
+            self.client.hdel(key, *fields)
+
     def renew(self, key: str, token: str, ttl_s: float) -> bool:
         return bool(self._renew(keys=[key], args=[token, int(ttl_s * 1000)]))
 
@@ -305,6 +311,13 @@ class MemoryStore:
         with self._lock:
             raw = key.encode()
             return dict(self._data.get(raw) or {}) if self._live(raw) else {}
+
+    def hdel(self, key: str, *fields: str) -> None:
+        with self._lock:
+            table = self._data.get(key.encode())
+            if isinstance(table, dict):
+                for field in fields:
+                    table.pop(field, None)
 
     def renew(self, key: str, token: str, ttl_s: float) -> bool:
         with self._lock:

@@ -18,12 +18,16 @@ from racto_nb import api
 from racto_nb.batch.templates import interpolate
 from racto_nb.config import is_embedded_url, mask_url
 from racto_nb.errors import EmbeddedBrokerError, WorkerStartError
-from racto_nb.magics.parsing import check_name, evaluate, series_parent, usage_errors
+from racto_nb.magics.parsing import check_name, evaluate, series_parent
+from racto_nb.notebook.claims import claim
 from racto_nb.notebook.display import show_content
 from racto_nb.notebook.kernel import ipython_display
 from racto_nb.notebook.views import ProgressChoice, notice
 
-__all__ = ["batch", "connect", "generate", "status", "workers"]
+__all__ = ["batch", "batches", "connect", "generate", "status", "workers"]
+
+#: A batch's title (in its view and in ``%racto_batches``) is the magic's line, this long at most.
+TITLE_CHARS = 120
 
 #: ``%racto_workers`` subcommands; no subcommand lists, as ``list`` does.
 WORKER_ACTIONS = ("start", "stop", "list")
@@ -33,7 +37,10 @@ class _Slot:
     """A user variable filled from two threads: a handle now, the result when it ends.
 
     The watcher may finish before the cell stores the handle; the lock makes
-    sure the handle never overwrites a result that already arrived.
+    sure the handle never overwrites a result that already arrived. And the
+    cell may have been run again meanwhile: only the newest run's slot for a
+    name writes it (:mod:`racto_nb.notebook.claims`), so an older background
+    run that ends later never replaces the newer run's result.
     """
 
     def __init__(self, namespace: dict[str, Any], name: str) -> None:
@@ -41,27 +48,27 @@ class _Slot:
         self._name = name
         self._lock = threading.Lock()
         self._final = False
+        self._claim = claim(namespace, name)
 
     def handle(self, value: object) -> None:
         with self._lock:
-            if not self._final:
+            if not self._final and self._claim.held():
                 self._ns[self._name] = value
 
     def final(self, value: object) -> None:
         with self._lock:
             self._final = True
-            self._ns[self._name] = value
+            if self._claim.held():
+                self._ns[self._name] = value
 
 
 def _worker() -> Any:
-    with usage_errors():
-        return api.resolve_worker(None)
+    return api.resolve_worker(None)
 
 
 def connect(shell: Any, args: Any) -> None:
     """``%racto_connect [URL]``: build the worker (embedded when no URL) and say where it points."""
-    with usage_errors():
-        worker = api.connect(args.url or None)
+    worker = api.connect(args.url or None)
     broker = str(worker.app.conf.broker_url or "")
     where = "an embedded (in-process) worker" if is_embedded_url(broker) else mask_url(broker)
     notice(f"racto_nb: connected to {where}; kit {worker.kit!r}")
@@ -70,22 +77,20 @@ def connect(shell: Any, args: Any) -> None:
 def generate(shell: Any, args: Any, cell: str, *, progress: ProgressChoice) -> None:
     """``%%racto_generate``: fill the body from the namespace, send it, render the answer as Markdown."""
     check_name(args.out, "--out")
-    with usage_errors():
-        prompt = interpolate(cell.strip(), shell.user_ns)
+    prompt = interpolate(cell.strip(), shell.user_ns)
     worker = _worker()
     slot = _Slot(shell.user_ns, args.out) if args.out else None
-    with usage_errors():
-        outcome = api.generate(
-            prompt,
-            worker=worker,
-            temperature=args.temperature,
-            max_tokens=args.max_tokens,
-            system_prompt=args.system,
-            timeout_s=args.timeout,
-            wait=not args.no_wait,
-            progress=progress,
-            on_done=slot.final if slot and args.no_wait else None,
-        )
+    outcome = api.generate(
+        prompt,
+        worker=worker,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        system_prompt=args.system,
+        timeout_s=args.timeout,
+        wait=not args.no_wait,
+        progress=progress,
+        on_done=slot.final if slot and args.no_wait else None,
+    )
     if isinstance(outcome, api.TaskRun):
         if slot is not None:
             slot.handle(outcome)
@@ -106,7 +111,7 @@ def batch(shell: Any, args: Any, cell: str | None, *, progress: ProgressChoice) 
         "timeout_s": args.timeout,
         "progress": progress,
         "on_done": slot.final if slot else None,
-        "title": f"racto_batch → {args.out}" if args.out else "racto_batch",
+        "title": _first_line(getattr(args, "line", "") or "%racto_batch"),
     }
     if args.attach:
         if args.expr or template or args.write_back or args.custom_id or args.estimate or args.no_cache:
@@ -119,15 +124,14 @@ def batch(shell: Any, args: Any, cell: str | None, *, progress: ProgressChoice) 
         if args.max_cost is not None and not args.resume:
             raise UsageError("--max-cost with --attach sets the cap of a resumed batch: add --resume")
         worker = _worker()
-        with usage_errors():
-            outcome = api.attach(
-                _batch_id(shell, args.attach),
-                worker=worker,
-                cancel=args.cancel,
-                resume=args.resume,
-                max_cost_usd=args.max_cost,
-                **common,
-            )
+        outcome = api.attach(
+            _batch_id(shell, args.attach),
+            worker=worker,
+            cancel=args.cancel,
+            resume=args.resume,
+            max_cost_usd=args.max_cost,
+            **common,
+        )
     else:
         if args.cancel or args.resume:
             flag, button = ("--cancel", "Cancel") if args.cancel else ("--resume", "Resume")
@@ -151,16 +155,14 @@ def batch(shell: Any, args: Any, cell: str | None, *, progress: ProgressChoice) 
         if args.estimate:
             if args.background or args.write_back or args.max_cost is not None:
                 raise UsageError("--estimate sends nothing: drop --background, --write-back and --max-cost")
-            with usage_errors():
-                guess = api.estimate(source, template, **shared)
+            guess = api.estimate(source, template, **shared)
             notice(f"racto_nb estimate: {guess}")
             if args.out:
                 shell.user_ns[args.out] = guess
             return None
-        with usage_errors():
-            outcome = api.run_batch(
-                source, template, write_back=args.write_back, max_cost_usd=args.max_cost, **shared, **common
-            )
+        outcome = api.run_batch(
+            source, template, write_back=args.write_back, max_cost_usd=args.max_cost, **shared, **common
+        )
     if args.background:
         notice(
             f"batch {outcome.batch_id} runs in the background"
@@ -173,6 +175,22 @@ def batch(shell: Any, args: Any, cell: str | None, *, progress: ProgressChoice) 
     else:
         slot.final(outcome)
     return None
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1] + "…"
+
+
+def batches(shell: Any, args: Any) -> Any:
+    """``%racto_batches [--limit N]``: the newest batches as a DataFrame (displayed as the cell's value)."""
+    if args.limit < 1:
+        raise UsageError(f"--limit must be at least 1 (got {args.limit})")
+    frame = api.batches(args.limit)
+    if frame.empty:
+        notice("no batches in this result backend yet (or they expired)")
+        return None
+    return frame
 
 
 def _batch_id(shell: Any, value: str) -> str:
@@ -228,20 +246,19 @@ def _start_workers(n: int, concurrency: int | None) -> None:
         raise UsageError(f"N must be at least 1 (got {n}): %racto_workers start 2")
     if concurrency is not None and concurrency < 1:
         raise UsageError(f"--concurrency must be at least 1 (got {concurrency})")
-    with usage_errors():
-        try:
-            # No --concurrency: fleet's default, so that it is written in one place.
-            started = api.start_workers(n) if concurrency is None else api.start_workers(n, concurrency=concurrency)
-        except EmbeddedBrokerError:
-            # Name the magic to run, not the Python call fleet's message names.
-            raise UsageError(
-                "this kernel runs embedded (in-process), which worker processes cannot reach: "
-                "%racto_connect redis://127.0.0.1:6379/0 first (start Redis with `redis-server --daemonize yes`)"
-            ) from None
-        except WorkerStartError as exc:
-            # A worker died or never got ready: its log's tail, in the message, is
-            # what the user needs, not a traceback through this module.
-            raise UsageError(str(exc)) from None
+    try:
+        # No --concurrency: fleet's default, so that it is written in one place.
+        started = api.start_workers(n) if concurrency is None else api.start_workers(n, concurrency=concurrency)
+    except EmbeddedBrokerError:
+        # Name the magic to run, not the Python call fleet's message names.
+        raise UsageError(
+            "this kernel runs embedded (in-process), which worker processes cannot reach: "
+            "%racto_connect redis://127.0.0.1:6379/0 first (start Redis with `redis-server --daemonize yes`)"
+        ) from None
+    except WorkerStartError as exc:
+        # A worker died or never got ready: its log's tail, in the message, is
+        # what the user needs, not a traceback through this module.
+        raise UsageError(str(exc)) from None
     for process in started:
         notice(_worker_line(process))
 
@@ -258,8 +275,7 @@ def status(shell: Any, args: Any) -> None:
     """``%racto_status [URL] [--timeout S]``: display the fleet's state; an unreachable broker is shown, not raised."""
     if args.timeout <= 0:
         raise UsageError(f"--timeout must be a number of seconds > 0 (got {args.timeout:g})")
-    with usage_errors():
-        report = api.status(args.url or None, timeout_s=args.timeout)
+    report = api.status(args.url or None, timeout_s=args.timeout)
     ipython_display(_TextAndHtml(str(report), report._repr_html_()))
 
 

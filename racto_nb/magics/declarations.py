@@ -13,13 +13,18 @@
   broker this kernel is connected to (start, stop, list).
 * ``%racto_status [URL] [--timeout S]``: broker reachable, workers online with
   their concurrency, queue depth; a dead broker is shown within the timeout.
+* ``%racto_batches [--limit N]``: the newest batches in the result backend, to
+  find an id a restarted kernel's output took with it.
+
+Every magic answers ``--help``. Options are never abbreviated.
 
 To add a magic: declare it here with its ``@argument``s and write one
 function in :mod:`racto_nb.magics.commands`, which calls :mod:`racto_nb.api`.
 
 Settings: ``%config RactoMagics.progress = "text"`` picks the progress view
 when ``--progress`` is not given (``"text"`` suits nbconvert, where widgets
-keep no state).
+keep no state); ``%config RactoMagics.short_errors = False`` shows every
+error with its traceback.
 """
 
 from __future__ import annotations
@@ -29,12 +34,12 @@ from typing import Any, TypeVar, cast
 
 from IPython.core import magic, magic_arguments
 from IPython.core.magic import Magics
-from traitlets import Enum
+from traitlets import Bool, Enum
 
 from racto_nb.batch.templates import MISSING_RULES
 from racto_nb.config import BROKER_ANSWER_TIMEOUT_S, DEFAULT_WORKER_CONCURRENCY
 from racto_nb.magics import commands
-from racto_nb.magics.parsing import parse_line
+from racto_nb.magics.parsing import parse_line, usage_errors
 from racto_nb.models import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
 from racto_nb.notebook.views import PROGRESS_CHOICES, ProgressChoice
 
@@ -76,8 +81,19 @@ class RactoMagics(Magics):
         help="Progress view when --progress is not given: auto (widgets in a kernel), widget, text, none.",
     ).tag(config=True)
 
+    short_errors = Bool(
+        True,
+        help="Show a user's mistakes (bad option, unknown column, unknown batch) as one line without a "
+        "traceback. False: every error keeps its traceback. Real bugs always keep theirs.",
+    ).tag(config=True)
+
     def _progress(self, chosen: str | None) -> ProgressChoice:
         return cast(ProgressChoice, chosen or str(self.progress))
+
+    def _run(self, command: Callable[..., Any], *args: Any, **options: Any) -> Any:
+        """Run one command with this shell's error policy (:func:`~racto_nb.magics.parsing.usage_errors`)."""
+        with usage_errors(bool(self.short_errors)):
+            return command(self.shell, *args, **options)
 
     @no_var_expand
     @arguments()
@@ -85,7 +101,9 @@ class RactoMagics(Magics):
     @line_magic
     def racto_connect(self, line: str) -> None:
         """Connect the magics (and racto_nb's API) to a worker fleet."""
-        commands.connect(self.shell, parse_line(self.racto_connect, line, with_expr=False))
+        args = parse_line(self.racto_connect, line, with_expr=False)
+        if args is not None:
+            self._run(commands.connect, args)
 
     @no_var_expand
     @arguments()
@@ -104,7 +122,8 @@ class RactoMagics(Magics):
     def racto_generate(self, line: str, cell: str) -> None:
         """The cell body is the prompt; {name} is filled from your variables ({{ }} for braces)."""
         args = parse_line(self.racto_generate, line, with_expr=False)
-        commands.generate(self.shell, args, cell, progress=self._progress(args.progress))
+        if args is not None:
+            self._run(commands.generate, args, cell, progress=self._progress(args.progress))
 
     @no_var_expand
     @arguments()
@@ -155,7 +174,10 @@ class RactoMagics(Magics):
     def racto_batch(self, line: str, cell: str | None = None) -> Any:
         """One LLM call per row; a DataFrame indexed like the input comes back."""
         args = parse_line(self.racto_batch, line, with_expr=True)
-        return commands.batch(self.shell, args, cell, progress=self._progress(args.progress))
+        if args is None:
+            return None
+        args.line = f"%%racto_batch {line}".strip() if cell is not None else f"%racto_batch {line}".strip()
+        return self._run(commands.batch, args, cell, progress=self._progress(args.progress))
 
     @no_var_expand
     @arguments()
@@ -172,7 +194,9 @@ class RactoMagics(Magics):
     @line_magic
     def racto_workers(self, line: str) -> None:
         """Start, stop or list local worker processes on the broker this kernel is connected to."""
-        commands.workers(self.shell, parse_line(self.racto_workers, line, with_expr=False))
+        args = parse_line(self.racto_workers, line, with_expr=False)
+        if args is not None:
+            self._run(commands.workers, args)
 
     @no_var_expand
     @arguments()
@@ -186,11 +210,22 @@ class RactoMagics(Magics):
     @line_magic
     def racto_status(self, line: str) -> None:
         """Show whether the broker answers, which workers are online and how many tasks wait."""
-        commands.status(self.shell, parse_line(self.racto_status, line, with_expr=False))
+        args = parse_line(self.racto_status, line, with_expr=False)
+        if args is not None:
+            self._run(commands.status, args)
+
+    @no_var_expand
+    @arguments()
+    @argument("--limit", "-n", type=int, default=20, help="How many of the newest batches (default %(default)s).")
+    @line_magic
+    def racto_batches(self, line: str) -> Any:
+        """List the newest batches in the result backend (id, submitted, rows, counts, the magic's line)."""
+        args = parse_line(self.racto_batches, line, with_expr=False)
+        return None if args is None else self._run(commands.batches, args)
 
 
 _MAGIC_NAMES = {
-    "line": ("racto_connect", "racto_batch", "racto_workers", "racto_status"),
+    "line": ("racto_connect", "racto_batch", "racto_batches", "racto_workers", "racto_status"),
     "cell": ("racto_generate", "racto_batch"),
 }
 

@@ -12,12 +12,14 @@ these magics (``@no_var_expand``): braces belong to templates.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import re
 import shlex
 from collections.abc import Iterator
 from typing import Any
 
 from IPython.core.error import UsageError
+from pydantic import ValidationError
 
 from racto_nb.errors import RactoError
 
@@ -44,16 +46,55 @@ def _compiles(code: str) -> bool:
 
 
 def parse_line(magic: Any, line: str, *, with_expr: bool) -> Any:
-    """Parse ``line`` with ``magic``'s ``magic_arguments`` parser; ``args.expr`` holds the expression."""
+    """Parse ``line`` with ``magic``'s ``magic_arguments`` parser; ``args.expr`` holds the expression.
+
+    Stricter than argparse's defaults, because a magic line is typed by hand
+    and a silently misread option costs a batch: options are never
+    abbreviated (``--templ`` is not ``--template``), a single-dash long name
+    (``-template``, which argparse reads as ``-t emplate``) or an unknown
+    option gets "did you mean", and a stray word is an error. ``-h`` /
+    ``--help`` prints the magic's help and returns ``None``.
+    """
     expr, options = split_expr(line) if with_expr else ("", line)
     try:
         argv = shlex.split(options, posix=True)
     except ValueError as exc:
         raise UsageError(f"cannot read the options: {exc} (check the quotes)") from None
-    args = magic.parser.parse_args(argv)  # its error() raises UsageError
+    parser = magic.parser
+    parser.allow_abbrev = False
+    if "-h" in argv or "--help" in argv:
+        print(parser.format_help())
+        return None
+    known = sorted(parser._option_string_actions)
+    for word in argv:
+        if re.fullmatch(r"-[A-Za-z][\w-]+", word) and f"-{word}" in known:
+            raise UsageError(f"{word} is not an option: did you mean -{word}?")
+    try:
+        args = parser.parse_args(argv)  # its error() raises UsageError
+    except UsageError as exc:
+        raise UsageError(_with_suggestion(str(exc), known)) from None
     if with_expr:
+        if getattr(args, "expr", None) is not None:
+            raise UsageError(
+                f"unexpected word {args.expr!r} after the options: quote a value that has spaces, "
+                "and put the rows' expression first"
+            )
         args.expr = expr
     return args
+
+
+def _with_suggestion(message: str, options: list[str]) -> str:
+    """argparse's "unrecognized arguments: --templ" plus the option that was probably meant."""
+    found = re.search(r"unrecognized arguments: (\S+)", message)
+    if found is None:
+        return message
+    word = found.group(1)
+    if not word.startswith("-"):
+        return f"unexpected word {word!r}: quote a value that has spaces (--template \"Classify: {{review}}\")"
+    close = difflib.get_close_matches(word.split("=", 1)[0], options, n=1, cutoff=0.6)
+    longs = ", ".join(o for o in options if o.startswith("--"))
+    hint = f"; did you mean {close[0]}?" if close else f"; the options are {longs} (and --help)"
+    return f"unknown option {word}{hint}"
 
 
 def evaluate(shell: Any, expr: str) -> Any:
@@ -99,10 +140,18 @@ def check_name(name: str | None, option: str) -> None:
 
 
 @contextlib.contextmanager
-def usage_errors() -> Iterator[None]:
-    """Bad input becomes a one-line ``UsageError`` (shown without a traceback), as jupysql does."""
+def usage_errors(short: bool = True) -> Iterator[None]:
+    """A user's mistake becomes a one-line ``UsageError`` (shown without a traceback), as jupysql does.
+
+    Only mistakes count: racto_nb's own errors (each names its fix) and
+    pydantic's validation of an option. Anything else is a bug, in racto_nb
+    or below it, and keeps its traceback. ``short=False``
+    (``%config RactoMagics.short_errors = False``) keeps every traceback.
+    """
     try:
         yield
-    except (RactoError, ValueError, LookupError, TypeError) as exc:
+    except (RactoError, ValidationError) as exc:
+        if not short:
+            raise
         text = "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
         raise UsageError(text or type(exc).__name__) from None

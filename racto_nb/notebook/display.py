@@ -6,10 +6,19 @@ runs and the magics all take their text from these functions.
 
 from __future__ import annotations
 
+import traceback
+
 from racto_nb.models import BatchProgress, TaskResult, TaskStatus
 from racto_nb.notebook.kernel import ipython_display, markdown
 
-__all__ = ["batch_ended_early", "batch_paused", "batch_started", "show_content", "task_ended_early"]
+__all__ = [
+    "batch_ended_early",
+    "batch_paused",
+    "batch_started",
+    "callback_failed",
+    "show_content",
+    "task_ended_early",
+]
 
 
 def show_content(result: TaskResult) -> None:
@@ -52,4 +61,13 @@ def task_ended_early(task_id: str, result: TaskResult | None, *, why: str) -> st
     return (
         f"{why}: stopped waiting for task {task_id}{state}; it keeps running on the workers.\n"
         f"  get it later:  racto_nb.api.get_result({task_id!r})"
+    )
+
+
+def callback_failed(what: str, exc: BaseException) -> str:
+    """An ``on_done`` callback raised: the work itself is complete, and says so."""
+    where = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-3:]).rstrip()
+    return (
+        f"{what} is complete, but its on_done callback raised {type(exc).__name__}: {exc}\n"
+        f"  the result is intact: run.result(); the callback's error: run.callback_error\n{where}"
     )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -31,8 +31,17 @@ from racto_nb.engine.polling import poll
 from racto_nb.engine.worker import timed_out
 from racto_nb.errors import StillRunning
 from racto_nb.models import BatchProgress, TaskResult, TaskStatus
-from racto_nb.notebook.display import batch_ended_early, batch_paused, batch_started, task_ended_early
+from racto_nb.notebook.claims import claim
+from racto_nb.notebook.display import (
+    batch_ended_early,
+    batch_paused,
+    batch_started,
+    callback_failed,
+    task_ended_early,
+)
+from racto_nb.notebook.kernel import CellContext
 from racto_nb.notebook.views import ProgressChoice, ProgressView, StatusView, make_view, notice
+from racto_nb.notebook.write_back import WriteBack
 
 if TYPE_CHECKING:
     from racto_nb.engine.worker import RactoCeleryWorker
@@ -66,10 +75,21 @@ class BatchRun:
     ) -> None:
         self.batch = batch
         self.on_done = on_done
-        self.write_back = write_back
+        #: Where the answers go when the batch ends: by index label, and only while this is the newest run.
+        self.write_back = (
+            WriteBack(write_back[0], write_back[1], batch.index, claim(write_back[0], write_back[1]))
+            if write_back is not None
+            else None
+        )
         self.interval_s = interval_s
         self.done = threading.Event()
+        #: Why the watcher stopped following the batch (the backend went away), if it did.
         self.error: BaseException | None = None
+        #: What ``on_done`` raised, if it did: reported, and never a failure of the batch.
+        self.callback_error: BaseException | None = None
+        #: The wait ran out before every row was final: ``done`` is set and the frame is the rows as they were.
+        self.timed_out = False
+        self._cell = CellContext()
         # A blocking cell keeps the kernel from handling a click until the batch
         # ends, so only background runs get a Cancel button (Ctrl-C stops a wait).
         self.view = make_view(
@@ -108,6 +128,7 @@ class BatchRun:
 
     def show(self) -> None:
         """Display the view; call it in the cell's own thread, before watching starts."""
+        self._cell.capture()
         self.view.display()
         self.view.announce(batch_started(self.batch_id, rows=len(self.batch.index), tasks=self.batch.total))
 
@@ -181,8 +202,10 @@ class BatchRun:
                     self._finish(progress)
                 elif progress.paused and self._wait_while_paused(progress, deadline):
                     continue  # resumed (here or from another kernel): follow it again
-                else:
+                elif self._stop.is_set():
                     self._close_view(progress)
+                else:  # the wait ran out: end here with the rows as they are, as a blocking wait does
+                    self._end_early(progress, why=f"Timed out after {timeout_s:g} s")
                 return
         except Exception as exc:  # the backend went away: keep it for result(), never print from a thread
             self.error = exc
@@ -209,29 +232,46 @@ class BatchRun:
         self._close_view(self._last)
 
     def _finish(self, progress: BatchProgress) -> pd.DataFrame:
-        # The result is built before the view says "done": whoever sees the final state can have the frame.
+        # Stored first (frame built, written back), signalled after: whoever sees done can have the result.
         with self._lock:
-            frame = self.batch.to_frame()
-            if self._frame is None:
-                self._frame = frame
-            else:  # a retry round ended: same object, so variables holding it see the new rows
-                for column in frame.columns:
-                    self._frame[column] = frame[column].array
-            if self.write_back is not None:
-                target, column = self.write_back
-                target[column] = self._frame["content"].to_numpy()
-            result = self._frame
+            result = self._store_frame()
             self.done.set()
             self._draw(progress)
             failures = progress.count(TaskStatus.FAILURE)
             if not (failures and self._rounds == 0 and self.view.interactive):
                 self._close_view(progress)  # else stay live: the Retry-failed button may restart it
-        if self.on_done is not None:
-            try:
-                self.on_done(result)
-            except Exception as exc:
-                self.error = exc
+        self._hand_over(result)
         return result
+
+    def _end_early(self, progress: BatchProgress, *, why: str) -> None:
+        """A background wait ran out: the frame as it is goes to ``result()`` and ``on_done``; the batch runs on."""
+        with self._lock:
+            self.timed_out = True
+            result = self._store_frame()
+            self.done.set()
+            self._close_view(progress)
+        self._say(batch_ended_early(self.batch_id, progress, why=why))
+        self._hand_over(result)
+
+    def _store_frame(self) -> pd.DataFrame:
+        frame = self.batch.to_frame()
+        if self._frame is None:
+            self._frame = frame
+        else:  # a retry round ended: same object, so variables holding it see the new rows
+            for column in frame.columns:
+                self._frame[column] = frame[column].array
+        if self.write_back is not None:
+            note = self.write_back.apply(self._frame)
+            if note:
+                self._say(note)
+        return self._frame
+
+    def _hand_over(self, result: pd.DataFrame) -> None:
+        self.callback_error = _call_back(self.on_done, result, f"batch {self.batch_id}", self._say)
+
+    def _say(self, text: str) -> None:
+        """A notice from whichever thread, shown in the cell that started the run."""
+        self._cell.run(lambda: notice(text))
 
     # ------------------------------------------------------------------ results and control
 
@@ -306,9 +346,13 @@ class TaskRun:
         self.on_done = on_done
         self.timeout_s = timeout_s
         self.done = threading.Event()
+        #: Why the watcher stopped following the task (the backend went away), if it did.
         self.error: BaseException | None = None
+        #: What ``on_done`` raised, if it did: reported, and never a failure of the task.
+        self.callback_error: BaseException | None = None
         self._result: TaskResult | None = None
         self._stop = threading.Event()
+        self._cell = CellContext()  # created in the cell that sent the task: notices go there
         self._thread = threading.Thread(target=self._watch, name=f"racto-task-{task_id[:8]}", daemon=True)
 
     def __repr__(self) -> str:
@@ -334,10 +378,16 @@ class TaskRun:
             return
         self._result = final
         self.line.close(final)
-        if final.status.is_final:
-            self.done.set()
-            if self.on_done is not None:
-                self.on_done(final)
+        if self._stop.is_set() and not final.status.is_final:
+            return  # stop_watching(): nothing ended
+        # Final, or the wait ran out (the state as it is, error_type WaitTimeout): either way the run ends here.
+        self.done.set()
+        if not final.status.is_final:
+            self._say(task_ended_early(self.task_id, final, why=f"Timed out after {self.timeout_s:g} s"))
+        self.callback_error = _call_back(self.on_done, final, f"task {self.task_id}", self._say)
+
+    def _say(self, text: str) -> None:
+        self._cell.run(lambda: notice(text))
 
     def stop_watching(self, timeout_s: float | None = 10.0) -> None:
         """Stop following the task (it keeps running on the workers)."""
@@ -395,3 +445,17 @@ def _poll_task(
 
     result, end = poll(look, lambda r: r.status.is_final, timeout_s=timeout_s, stop=stop, first_pause_s=0.02)
     return timed_out(result, timeout_s) if end == "timeout" else result
+
+
+def _call_back(
+    on_done: Callable[[Any], object] | None, value: Any, what: str, say: Callable[[str], None]
+) -> BaseException | None:
+    """Run ``on_done(value)``; an exception there is the callback's, not the work's: reported, and returned."""
+    if on_done is None:
+        return None
+    try:
+        on_done(value)
+    except Exception as exc:
+        say(callback_failed(what, exc))
+        return exc
+    return None

@@ -141,16 +141,22 @@ class TextStatusLine:
             self._tty = False
         self._width = 0
         self._last_key: tuple[TaskStatus, int] | None = None
+        #: Lines written from a watcher thread go to the cell that showed this line, not the latest cell.
+        self._ctx = CellContext()
 
     def display(self) -> None:
-        """Nothing to do: the first update writes the line."""
+        """Adopt the displaying cell; the first update writes the line."""
+        self._ctx.capture()
 
     def announce(self, text: str) -> None:
         """Print it on its own line."""
-        notice(text)
+        self._ctx.run(lambda: notice(text))
 
     def update(self, result: TaskResult) -> None:
         """Write ``result``'s status the way this stream can show it."""
+        self._ctx.run(lambda: self._write(result))
+
+    def _write(self, result: TaskResult) -> None:
         text = StatusLine.render(result, max_retries=self._max_retries)
         if self._tty:
             self._file.write("\r" + text.ljust(self._width))
@@ -163,14 +169,18 @@ class TextStatusLine:
             self._file.write(text + "\n")
         self._file.flush()
 
+    def _end_line(self) -> None:
+        self._file.write("\n")
+        self._file.flush()
+
     def close(self, final: TaskResult | None = None) -> None:
         """Draw ``final`` and end the rewritten line so the next output starts clean."""
         if final is not None:
             self.update(final)
         if self._tty and self._width:
-            self._file.write("\n")
-            self._file.flush()
+            self._ctx.run(self._end_line)
             self._width = 0
+        self._ctx.release()
 
 
 def make_status_line(

@@ -439,18 +439,24 @@ class TextProgressView:
         self._mininterval = mininterval
         self._bar: Any = None
         self._closed = False
+        #: What a watcher thread writes goes to the cell that showed the bar (ipykernel 7 routes a
+        #: stream write by the writer's context), never into whichever cell runs later.
+        self._ctx = CellContext()
 
     def display(self) -> None:
-        """Nothing to do: tqdm draws on the first update."""
+        """Adopt the displaying cell; tqdm draws on the first update."""
+        self._ctx.capture()
 
     def announce(self, text: str) -> None:
         """Print it: a terminal or a log has no header to carry it."""
-        notice(text)
+        self._ctx.run(lambda: notice(text))
 
     def update(self, progress: BatchProgress) -> None:
         """Move the bar; tqdm itself throttles redraws to ``mininterval``."""
-        if self._closed:
-            return
+        if not self._closed:
+            self._ctx.run(lambda: self._move(progress))
+
+    def _move(self, progress: BatchProgress) -> None:
         bar = self._sync(progress)
         if bar.total != progress.total:
             bar.total = progress.total
@@ -466,6 +472,10 @@ class TextProgressView:
         if self._closed:
             return
         self._closed = True
+        self._ctx.run(lambda: self._last_line(final))
+        self._ctx.release()
+
+    def _last_line(self, final: BatchProgress | None) -> None:
         if final is not None:
             bar = self._sync(final)
             bar.total = final.total
