@@ -35,7 +35,6 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, TypedDict, overload
 
@@ -51,9 +50,9 @@ from racto_nb.batch.templates import MissingRule
 from racto_nb.costs.estimate import Estimate
 from racto_nb.errors import InvalidArgument
 from racto_nb.fleet.connection import connect, current_worker, disconnect
-from racto_nb.fleet.processes import WorkerProcess, running_workers, start_workers, stop_workers
-from racto_nb.fleet.status import FleetStatus, status
-from racto_nb.models import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, TaskResult, TaskStatus
+from racto_nb.fleet.processes import WorkerProcess, orphan_workers, running_workers, start_workers, stop_workers
+from racto_nb.fleet.status import FleetStatus, status, worker_heartbeats
+from racto_nb.models import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, MAX_TEMPERATURE, TaskResult, TaskStatus
 from racto_nb.notebook.runs import DEFAULT_INTERVAL_S, BatchRun, TaskRun, wait_task
 from racto_nb.notebook.status_line import make_status_line
 from racto_nb.notebook.views import ProgressChoice, ProgressView, StatusView, check_progress, notice
@@ -74,6 +73,7 @@ __all__ = [
     "estimate",
     "generate",
     "get_result",
+    "orphan_workers",
     "prepare_rows",
     "resolve_worker",
     "run_batch",
@@ -81,6 +81,7 @@ __all__ = [
     "start_workers",
     "status",
     "stop_workers",
+    "worker_heartbeats",
 ]
 
 
@@ -94,8 +95,8 @@ def resolve_worker(worker: RactoCeleryWorker | None) -> RactoCeleryWorker:
 
 def _check_options(temperature: float, max_tokens: int, timeout_s: float | None, progress: object) -> None:
     # Checked here so the message is one line naming the option, not a pydantic report.
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise InvalidArgument(f"temperature must be a number >= 0, not {temperature!r}")
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature <= MAX_TEMPERATURE:
+        raise InvalidArgument(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}, not {temperature!r}")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
         raise InvalidArgument(f"max_tokens must be a whole number > 0, not {max_tokens!r}")
     if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or timeout_s < 0):
@@ -229,6 +230,7 @@ def _run_batch(
         cache=cache,
         max_cost_usd=max_cost_usd,
     )
+    _say_if_no_worker(chosen, batch)
     run = BatchRun(
         batch,
         progress=progress,
@@ -292,7 +294,21 @@ def _attach(
     if resume or max_cost_usd is not None:
         resumed = batch.resume(max_cost_usd=max_cost_usd)
         notice(f"batch {batch.batch_id}: resumed; {resumed} paused rows sent again")
+    if not batch.refresh().finished:
+        _say_if_no_worker(chosen, batch)
     return _follow(run, wait, timeout_s)
+
+
+def _say_if_no_worker(worker: RactoCeleryWorker, batch: Batch) -> None:
+    """No worker serves the queue (after a restart the fleet may be gone too): say so at once and how to
+    start one, rather than let the view sit at "pending"."""
+    online = worker_heartbeats(worker)
+    if online is not None and not any(worker.queue in record.get("queues", ()) for record in online):
+        notice(
+            f"batch {batch.batch_id}: no worker is online for queue {worker.queue!r}; its rows wait until one is. "
+            "Start one: %racto_workers start 2 (or racto_nb.api.start_workers(2), or "
+            "`celery -A racto_nb.app worker` on any machine with the same RACTO_* settings)"
+        )
 
 
 def batches(limit: int = 20, *, worker: RactoCeleryWorker | None = None) -> pd.DataFrame:

@@ -22,6 +22,7 @@ app from them and :mod:`racto_nb.kits.factory` the kit and the RAG object.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -42,6 +43,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 __all__ = [
     "ANSWER_TIMEOUT_S",
     "BROKER_ANSWER_TIMEOUT_S",
+    "BROKER_SCHEMES",
     "CONFIG_FILE_NAME",
     "DEFAULT_CACHE_MAX_ENTRIES",
     "DEFAULT_CACHE_TTL_S",
@@ -56,6 +58,7 @@ __all__ = [
     "ConfigError",
     "RactoConfig",
     "build_retry",
+    "check_broker_url",
     "check_worker_name",
     "env_name",
     "is_embedded_url",
@@ -117,6 +120,30 @@ def mask_url(url: str | None) -> str | None:
 def env_name(field: str) -> str:
     """The environment variable for a field: ``timeout_s`` -> ``RACTO_TIMEOUT_S``."""
     return ENV_PREFIX + field.upper()
+
+
+#: The broker schemes racto_nb works with (Celery's names): Redis, RabbitMQ, and the embedded ``memory://``.
+BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel", "amqp", "amqps", "pyamqp", "memory")
+
+
+def check_broker_url(url: str, what: str = "broker URL") -> str:
+    """``url``, or a one-line ``ConfigError`` that says what is wrong with it and the URL probably meant."""
+    shown = mask_url(url) or ""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        near = re.match(r"^([A-Za-z+]+):?/{0,2}(.*)$", url)
+        fixed = f"{near.group(1)}://{near.group(2)}" if near and near.group(1) in BROKER_SCHEMES else None
+        hint = f"did you mean {mask_url(fixed)}?" if fixed else "e.g. redis://127.0.0.1:6379/0"
+        raise ConfigError(f"{what} {shown!r} is not a URL (scheme://host:port/...): {hint}")
+    if scheme.lower() in ("http", "https"):
+        raise ConfigError(
+            f"{what} {shown!r} is a web address, not a broker: use redis://HOST:6379/0 or amqp://HOST:5672//"
+        )
+    if scheme.lower() not in BROKER_SCHEMES:
+        close = difflib.get_close_matches(scheme.lower(), BROKER_SCHEMES, n=1, cutoff=0.5)
+        hint = f"did you mean {mask_url(close[0] + '://' + rest)}?" if close else "use redis:// or amqp://"
+        raise ConfigError(f"{what} {shown!r}: unknown scheme {scheme!r}; {hint}")
+    return url
 
 
 def is_embedded_url(url: str | None) -> bool:
@@ -186,11 +213,21 @@ class RactoConfig(BaseModel):
         description="Seconds after which a task held by a worker that stopped answering runs on a live worker.",
     )
 
-    @field_validator("broker_url", "result_backend", "base_url")
+    @field_validator("broker_url", "result_backend")
+    @classmethod
+    def _broker_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                check_broker_url(value, "URL")
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("base_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is not None and "://" not in value:
-            raise ValueError(f"{value!r} is not a URL (expected scheme://..., e.g. redis://127.0.0.1:6379/0)")
+            raise ValueError(f"{value!r} is not a URL (expected scheme://..., e.g. http://127.0.0.1:8000/v1)")
         return value
 
     @field_validator("rag")

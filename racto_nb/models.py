@@ -11,9 +11,11 @@ import math
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_TEMPERATURE = 0.0
+#: The sampling temperature providers accept (OpenAI: 0 to 2); above it a request is refused, after queueing.
+MAX_TEMPERATURE = 2.0
 DEFAULT_MAX_TOKENS = 4096
 
 
@@ -125,6 +127,28 @@ class RetryConfig(BaseModel):
         return self.delay_for(retry_number)
 
 
+def finite_json(value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` unchanged, or a ValueError naming the first NaN or infinity in it.
+
+    JSON has no NaN: the broker's serializer would write a token the worker's
+    parser (and the provider's) reads differently or refuses, after the row
+    was already paid for or failed. Caught here, before anything is sent.
+    """
+
+    def walk(item: Any, where: str) -> None:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{where} is {item!r}; JSON has no such number: use a finite value or leave it out")
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                walk(inner, f"{where}[{key!r}]")
+        elif isinstance(item, (list, tuple)):
+            for i, inner in enumerate(item):
+                walk(inner, f"{where}[{i}]")
+
+    walk(value, "extra")
+    return value
+
+
 class BatchItem(BaseModel):
     """One row of a batch.
 
@@ -135,10 +159,15 @@ class BatchItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_message: str = Field(min_length=1)
-    temperature: float | None = Field(default=None, ge=0.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
     max_tokens: int | None = Field(default=None, gt=0)
     extra: dict[str, Any] | None = None
     custom_id: str | None = None
+
+    @field_validator("extra")
+    @classmethod
+    def _finite_extra(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if value is None else finite_json(value)
 
 
 class Message(BaseModel):
@@ -152,10 +181,15 @@ class ChatConfig(BaseModel):
     """Input of ``kit.chat(config)``, rebuilt inside the worker from JSON."""
 
     user_message: str = Field(min_length=1)
-    temperature: float = Field(default=DEFAULT_TEMPERATURE, ge=0.0)
+    temperature: float = Field(default=DEFAULT_TEMPERATURE, ge=0.0, le=MAX_TEMPERATURE)
     max_tokens: int = Field(default=DEFAULT_MAX_TOKENS, gt=0)
     history: list[Message] = Field(default_factory=list)
     extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("extra")
+    @classmethod
+    def _finite_extra(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return finite_json(value)
 
 
 class ChatResponse(BaseModel):

@@ -18,9 +18,9 @@ from racto_nb.notebook.runs import BatchRun, TaskRun
 from racto_nb.notebook.status_line import StatusLine
 from racto_nb.notebook.views import WidgetProgressView
 from racto_nb.testing import FakeOpenAIServer, RedisServer
-from tests.batch_support import sent_messages, settle_threads, task_meta_channels, worker
+from tests.batch_support import idle_worker, sent_messages, settle_threads, task_meta_channels, worker
 
-__all__ = ["worker"]  # fixture, imported for pytest
+__all__ = ["idle_worker", "worker"]  # fixtures, imported for pytest
 
 pytestmark = pytest.mark.slow
 
@@ -381,3 +381,17 @@ def test_generate_in_the_background_calls_back_once(
 def test_generate_rejects_an_empty_prompt(worker: RactoCeleryWorker) -> None:
     with pytest.raises(ValueError, match="the prompt is empty"):
         api.generate("   ", worker=worker)
+
+
+def test_no_worker_online_is_said_at_once_on_submit_and_on_attach(
+    idle_worker: RactoCeleryWorker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = api.run_batch(["a", "b"], worker=idle_worker, wait=False, progress="none")
+    assert f"no worker is online for queue {idle_worker.queue!r}" in capsys.readouterr().out
+    run.stop_watching()
+
+    api.attach(run.batch_id, worker=idle_worker, progress="none").stop_watching()
+
+    out = capsys.readouterr().out
+    assert "no worker is online" in out and "%racto_workers start 2" in out
+    run.cancel()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import racto_nb
 from racto_nb.config import ConfigError, RactoConfig, build_retry, load_config, mask_url
 from racto_nb.engine.celery_app import build_celery
 from racto_nb.kits import OpenAIKit
@@ -249,3 +250,20 @@ def test_build_rag_from_an_import_path(tmp_path: Path, monkeypatch: pytest.Monke
         build_rag(load_config({"RACTO_RAG": "racto_nb.rag:nothing_here"}))
     with pytest.raises(ConfigError, match="RACTO_RAG"):
         load_config({"RACTO_RAG": "not an import path"})
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis//host", "is not a URL (scheme://host:port/...): did you mean redis://host?"),
+        ("redis:/127.0.0.1:6379", "did you mean redis://127.0.0.1:6379?"),
+        ("http://localhost:6379", "is a web address, not a broker"),
+        ("redsi://127.0.0.1:6379/0", "unknown scheme 'redsi'; did you mean redis://127.0.0.1:6379/0?"),
+        ("amqq://guest:secret@host//", "did you mean amqp://guest:***@host//?"),
+    ],
+)
+def test_broker_url_mistakes_are_one_line_naming_the_url_meant(url: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        racto_nb.connect(url)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert "secret" not in str(info.value)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import racto_nb
+from racto_nb import api
 from racto_nb.fleet.connection import connected_worker
 from racto_nb.kits import OpenAIKit
 from racto_nb.models import ChatConfig, ChatResponse, TaskStatus
@@ -167,3 +168,45 @@ def test_plain_celery_get_still_works_in_the_kernel() -> None:
     worker = racto_nb.connect(kit=InstantKit())
     handle = worker.generate("via celery")
     assert handle.get(timeout=10)["output"]["content"] == "instant: via celery"
+
+
+@pytest.mark.usefixtures("fake_env")
+def test_retry_failed_after_a_new_connect_runs_on_the_new_embedded_worker(
+    fake_openai: FakeOpenAIServer, unique_case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RACTO_MAX_RETRIES", "0")
+    bad = f"{unique_case}-bad"
+    fake_openai.script(bad, ["401"])
+    racto_nb.connect()
+    run = api.run_batch([f"ok [case:{unique_case}]", f"no [case:{bad}]"], wait=False, progress="none")
+    assert run.done.wait(20) and list(run.result()["status"]) == ["success", "failure"]
+
+    racto_nb.disconnect()
+    racto_nb.connect()  # a new embedded worker: the old one's in-process queue is gone
+    assert run.retry_failed() == 1
+
+    assert run.done.wait(20), "the retried row never ran"
+    assert list(run.result()["status"]) == ["success", "success"]
+
+
+@pytest.mark.usefixtures("fake_env")
+def test_a_stop_that_times_out_still_fails_the_queued_rows_and_does_not_hold_connect(
+    fake_openai: FakeOpenAIServer, unique_case: str
+) -> None:
+    fake_openai.script(unique_case, [], latency_s=3.0)
+    worker = racto_nb.connect(concurrency=1)
+    run = api.run_batch([f"{i} [case:{unique_case}]" for i in range(40)], wait=False, progress="none")
+    deadline = time.monotonic() + 10
+    while fake_openai.count(unique_case) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    started = time.monotonic()
+    racto_nb.connect(kit=InstantKit())  # replaces the busy worker: waits a few seconds at most, not 30
+    took = time.monotonic() - started
+
+    assert took < 10, took
+    assert run.done.wait(20)
+    frame = run.result()
+    assert (frame["error_type"] == "EmbeddedStopped").sum() >= 30  # queued rows failed, none left pending
+    assert set(frame["status"]) <= {"success", "failure"}
+    assert worker is not racto_nb.current_worker()

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,3 +174,46 @@ def test_status_over_amqp_with_a_redis_result_backend(redis: RedisServer, monkey
     # The RabbitMQ service is shared: only what is ours is asserted.
     assert report.reachable and report.broker == "amqp://guest:***@127.0.0.1:5672//"
     assert isinstance(report.queue_depth, int)
+
+
+def test_workers_started_from_a_kernel_stop_when_it_is_killed(redis: RedisServer) -> None:
+    """A hard restart (SIGKILL of the kernel) must not leave its %racto_workers running unseen."""
+    script = (
+        "import os, sys, time, racto_nb\n"
+        "from racto_nb import api\n"
+        f"racto_nb.connect({redis.url!r})\n"
+        "(w,) = api.start_workers(1, concurrency=2)\n"
+        "print(w.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    kernel = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert kernel.stdout is not None
+        worker_pid = int(kernel.stdout.readline())
+        heartbeat = _wait_for(lambda: fleet.worker_heartbeats(racto_nb.connect(redis.url)), 15)
+        assert any(r["pid"] == worker_pid and r["started_by"].endswith(f":{kernel.pid}") for r in heartbeat)
+    finally:
+        kernel.kill()
+        kernel.wait(10)
+    gone = _wait_for(lambda: not _pid_alive(worker_pid), 20)
+    assert gone, f"worker {worker_pid} outlived the kernel that started it"
+
+
+def _wait_for(check: Any, timeout_s: float) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    return check()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by init) counts as gone.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"

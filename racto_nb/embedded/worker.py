@@ -27,9 +27,11 @@ from celery.worker import state as worker_state
 
 from racto_nb.config import DEFAULT_EMBEDDED_CONCURRENCY
 from racto_nb.embedded.transport import Channel, interrupt_consumers
+from racto_nb.engine.keys import events_key
 from racto_nb.engine.results import encode_meta, meta_key
+from racto_nb.engine.runner import EVENT_CODES, EVENTS_MAXLEN, embedded_stopped_failure, mark_embedded_stopped
 from racto_nb.engine.store import store_for
-from racto_nb.errors import EmbeddedError, InvalidArgument, TaskFailed
+from racto_nb.errors import EmbeddedError, InvalidArgument
 
 __all__ = ["EmbeddedWorker"]
 
@@ -79,6 +81,7 @@ class EmbeddedWorker:
         """Start the worker thread; return once its consumer takes tasks."""
         if self.is_alive():
             return self
+        mark_embedded_stopped(self.app, False)
         self._quiet_task_logs()
         # The threads pool runs each task through ``current_app`` (as a CLI
         # worker does), so this app must be the process default while it runs.
@@ -117,42 +120,55 @@ class EmbeddedWorker:
     def stop(self, timeout_s: float = 30.0) -> None:
         """Warm shutdown: running tasks finish, then the thread exits. Safe to call twice."""
         thread, self._thread = self._thread, None
+        if thread is not None:
+            mark_embedded_stopped(self.app)  # rows begun finish; rows not begun fail (nothing will run them)
+        try:
+            if thread is not None and thread.is_alive():
+                # Celery's own embedded-worker helper stops a threaded worker this
+                # way: the consumer loop raises WorkerShutdown when it sees the flag.
+                worker_state.should_stop = 0
+                try:
+                    with interrupt_consumers():
+                        thread.join(timeout_s)
+                finally:
+                    worker_state.should_stop = None
+        finally:
+            # Whatever happened above, the rows still queued fail (nothing will run them) and the
+            # process gets its logging and default app back: a timeout leaves no half-stopped worker.
+            self._fail_queued()
+            self._restore_task_logs()
+            if celery_state.default_app is self.app:
+                celery_state.default_app = self._previous_default
+            self._previous_default = None
         if thread is not None and thread.is_alive():
-            # Celery's own embedded-worker helper stops a threaded worker this
-            # way: the consumer loop raises WorkerShutdown when it sees the flag.
-            worker_state.should_stop = 0
-            try:
-                with interrupt_consumers():
-                    thread.join(timeout_s)
-            finally:
-                worker_state.should_stop = None
-            if thread.is_alive():
-                raise EmbeddedError(
-                    f"the embedded worker did not stop within {timeout_s:g} s: a task is still running "
-                    "(the thread pool cannot interrupt a call; set a shorter kit timeout)"
-                )
-        self._fail_queued()
-        self._restore_task_logs()
-        if celery_state.default_app is self.app:
-            celery_state.default_app = self._previous_default
-        self._previous_default = None
+            raise EmbeddedError(
+                f"the embedded worker did not stop within {timeout_s:g} s: a call is still running and "
+                "finishes in the background (the thread pool cannot interrupt it; set a shorter kit timeout)"
+            )
 
     def _fail_queued(self) -> None:
         """Fail every row of every chunk still queued: they can never run once this worker is gone."""
-        queue = Channel.queues.pop(str(self.app.conf.task_default_queue), None)
-        if queue is None:
-            return
-        failure = TaskFailed(
-            "the embedded worker stopped before running this row; connect() again and retry the failed rows",
-            "EmbeddedStopped",
-        )
+        # Each RactoCeleryWorker has its own queue (racto_nb.<name>); unacknowledged messages are back in them
+        # by now (kombu restores a closed channel's unacked messages).
+        names = {str(self.app.conf.task_default_queue)}
+        names.update(w.queue for w in self.app.__dict__.get("_racto_workers", {}).values())
+        queues = [q for q in (Channel.queues.pop(name, None) for name in sorted(names)) if q is not None]
+        failure = embedded_stopped_failure()
         backend = self.app.backend
         store = store_for(backend)
         with store.batch() as batch:
-            while not queue.empty():
-                for task_id in _row_ids(queue.get_nowait()):
-                    value = encode_meta(backend, task_id, "FAILURE", failure)
-                    batch.set(meta_key(backend, task_id), value)
+            for queue in queues:
+                while not queue.empty():
+                    chunk = _chunk_of(queue.get_nowait())
+                    if chunk is None:
+                        continue
+                    rows = chunk.get("rows") or []
+                    for row in rows:
+                        task_id = str(row["id"])
+                        batch.set(meta_key(backend, task_id), encode_meta(backend, task_id, "FAILURE", failure))
+                    if chunk.get("events") and rows:  # a notebook batch follows its rows by their events
+                        entry = ",".join(f"{row.get('p', 0)}:{EVENT_CODES['FAILURE']}" for row in rows)
+                        batch.append(events_key(str(chunk["batch"])), entry, maxlen=EVENTS_MAXLEN)
 
     def _quiet_task_logs(self) -> None:
         # A failed row is reported in its TaskResult; Celery's ERROR line for it
@@ -168,17 +184,17 @@ class EmbeddedWorker:
             self._quieted = None
 
 
-def _row_ids(message: Any) -> list[str]:
-    """The row task ids in one queued message of the in-process transport (a chunk of rows)."""
+def _chunk_of(message: Any) -> dict[str, Any] | None:
+    """The chunk payload (batch id, rows with their ids and positions) of one queued in-process message."""
     if not isinstance(message, dict):
-        return []
+        return None
     body = message.get("body")
     if not isinstance(body, (str, bytes)):
-        return []
+        return None
     if (message.get("properties") or {}).get("body_encoding") == "base64":
         body = base64.b64decode(body)
     try:
-        args = json.loads(body)[0]
-        return [str(row["id"]) for row in args[0]["rows"]]
+        chunk = json.loads(body)[0][0]
     except (ValueError, TypeError, KeyError, IndexError):
-        return []
+        return None
+    return chunk if isinstance(chunk, dict) and isinstance(chunk.get("rows"), list) else None

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
     from racto_nb.engine.worker import RactoCeleryWorker
 
-__all__ = ["EVENTS_MAXLEN", "ChunkRunner"]
+__all__ = ["EVENTS_MAXLEN", "ChunkRunner", "embedded_stopped", "embedded_stopped_failure", "mark_embedded_stopped"]
 
 #: How long the runner keeps retrying a write while the backend is down before giving the chunk up.
 WRITE_BUDGET_S = 600.0
@@ -242,6 +242,10 @@ class ChunkRunner:
         while fresh or waiting:
             if self.lost_lease:
                 return  # another runner owns the chunk now; it runs what is left
+            if embedded_stopped(self.worker.app):
+                for row in [*fresh, *waiting]:
+                    self._buffer(row, states.FAILURE, embedded_stopped_failure())
+                return
             if self._is_cancelled():
                 for row in [*fresh, *waiting]:
                     self._buffer(row, states.REVOKED, _revoked())
@@ -461,3 +465,30 @@ def _explain(exc: BaseException, *, with_cause: bool) -> str:
         detail = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
         text += f" (caused by {detail})"
     return text
+
+
+# ---------------------------------------------------------------------------- the embedded worker stopping
+
+#: Set on the app of an embedded (in-process) worker that is stopping: its queue goes with it.
+_STOPPED = "_racto_embedded_stopped"
+
+
+def mark_embedded_stopped(app: Any, stopped: bool = True) -> None:
+    """The embedded worker of ``app`` is stopping (or, ``False``, starting again): while it is, rows its
+    runners have not begun fail instead of waiting forever."""
+    if stopped:
+        app.__dict__[_STOPPED] = True
+    else:
+        app.__dict__.pop(_STOPPED, None)
+
+
+def embedded_stopped(app: Any) -> bool:
+    return bool(app.__dict__.get(_STOPPED))
+
+
+def embedded_stopped_failure() -> TaskFailed:
+    """What a row that an embedded worker could no longer run says (queued, or not yet begun in its chunk)."""
+    return TaskFailed(
+        "the embedded worker stopped before running this row; connect() again and retry the failed rows",
+        "EmbeddedStopped",
+    )

@@ -21,6 +21,9 @@ never take each other's tasks.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
 import threading
 import time
 from collections import OrderedDict
@@ -56,7 +59,17 @@ from racto_nb.models import (
     TaskStatus,
 )
 
-__all__ = ["DEFAULT_MAX_REDELIVERIES", "BatchGroupResult", "RactoCeleryWorker", "TaskStatus", "timed_out"]
+__all__ = [
+    "DEFAULT_MAX_REDELIVERIES",
+    "FOLLOW_PID_ENV",
+    "STARTED_BY_ENV",
+    "BatchGroupResult",
+    "RactoCeleryWorker",
+    "TaskStatus",
+    "timed_out",
+]
+
+logger = logging.getLogger(__name__)
 
 #: A row whose worker died this many times in one attempt fails instead of
 #: being redelivered again (a poison message would otherwise loop forever).
@@ -501,8 +514,14 @@ def _install_worker_hooks(app: Celery) -> None:
             "concurrency": getattr(getattr(sender, "pool", None), "limit", None),
             "broker": mask_url(str(app.conf.broker_url or "")),
         }
+        started_by = os.environ.get(STARTED_BY_ENV)
+        if started_by:
+            info["started_by"] = started_by
         stale = min(w.stale_after_s for w in workers)
         keepers.append(WorkerKeeper(app, str(sender.hostname), stale_after_s=stale, info=info).start())
+        follow = os.environ.get(FOLLOW_PID_ENV)
+        if follow and follow.isdigit():
+            _follow_parent(int(follow))
 
     def stop_keepers(sender: Any = None, **_: Any) -> None:
         while keepers:
@@ -512,6 +531,35 @@ def _install_worker_hooks(app: Celery) -> None:
     signals.worker_ready.connect(start_keeper, weak=False)
     signals.worker_shutting_down.connect(stop_keepers, weak=False)
     signals.worker_shutdown.connect(stop_keepers, weak=False)
+
+
+#: Set by ``start_workers`` (``%racto_workers start``): the kernel's pid, which the worker lives no longer than.
+FOLLOW_PID_ENV = "RACTO_FOLLOW_PID"
+#: Set by ``start_workers``: ``host:pid`` of the kernel that started the worker, shown in its heartbeat.
+STARTED_BY_ENV = "RACTO_STARTED_BY"
+#: How often a worker started from a kernel checks that the kernel is still there.
+FOLLOW_EVERY_S = 1.0
+
+
+def _follow_parent(pid: int) -> None:
+    """Warm-stop this worker once process ``pid`` (the kernel that started it) is gone.
+
+    A kernel that exits normally stops its workers itself (atexit). One that
+    is killed (a hard restart, the OOM killer) cannot, and the workers would
+    live on unseen. They are its children, so when it dies they are
+    re-parented: that is checked every second, portably, without
+    ``prctl(PR_SET_PDEATHSIG)``, which would also need ``preexec_fn`` in a
+    kernel full of threads. SIGTERM is Celery's warm shutdown: running rows
+    finish, messages not yet taken stay in the broker.
+    """
+
+    def watch() -> None:
+        while os.getppid() == pid:
+            time.sleep(FOLLOW_EVERY_S)
+        logger.warning("racto_nb: the kernel (pid %d) that started this worker is gone; stopping the worker", pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="racto-follow-kernel", daemon=True).start()
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -18,6 +18,7 @@ one module-level "current worker", guarded by a lock.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -26,6 +27,7 @@ from racto_nb.config import (
     DEFAULT_EMBEDDED_CONCURRENCY,
     RactoConfig,
     build_retry,
+    check_broker_url,
     is_embedded_url,
     load_config,
 )
@@ -33,13 +35,18 @@ from racto_nb.embedded.worker import EmbeddedWorker
 from racto_nb.engine.celery_app import EMBEDDED_BROKER_URL, build_celery
 from racto_nb.engine.spending import SpendSettings
 from racto_nb.engine.worker import RactoCeleryWorker
-from racto_nb.errors import InvalidSource, KitUnavailable
+from racto_nb.errors import EmbeddedError, InvalidSource, KitUnavailable
 from racto_nb.fleet.probe import check_broker
 from racto_nb.kits.base import Kit, Rag
 from racto_nb.kits.factory import build_kit, build_rag
 from racto_nb.models import RetryConfig
 
-__all__ = ["ClientOnlyKit", "connect", "connected_worker", "current_worker", "disconnect"]
+__all__ = ["ClientOnlyKit", "connect", "connected_worker", "current_worker", "disconnect", "embedded_gone"]
+
+logger = logging.getLogger(__name__)
+
+#: How long a replaced embedded worker may take to finish its running calls before connect() goes on.
+EMBEDDED_STOP_S = 5.0
 
 _lock = threading.RLock()
 _current: RactoCeleryWorker | None = None
@@ -113,10 +120,16 @@ def connect(
             return target
         if target is not None and not isinstance(target, str):
             raise InvalidSource(f"connect() takes a broker URL or a RactoCeleryWorker, not {type(target).__name__}")
+        if target:
+            check_broker_url(target)
         cfg = load_config()
         url = target or cfg.broker_url
         embedded = is_embedded_url(url)
-        key: tuple[Any, ...] = ("embedded", concurrency) if embedded else ("broker", url, result_backend)
+        # The settings are part of the key: a changed RACTO_MODEL (or config file) means a new kit, not the old one.
+        settings = cfg.model_dump_json()
+        key: tuple[Any, ...] = (
+            ("embedded", concurrency, settings) if embedded else ("broker", url, result_backend, settings)
+        )
         overrides = kit is not None or rag is not None or retry_config is not None
         reusable = _current is not None and _current_key == key and not overrides
         if reusable and (_embedded is None or _embedded.is_alive()):
@@ -124,7 +137,7 @@ def connect(
             return _current
         if embedded:
             # Stop the old embedded worker first: both would consume the same in-process queue.
-            disconnect()
+            _drop_embedded()
             worker, runner = _start_embedded(cfg, kit, rag, retry_config, concurrency)
         else:
             assert url is not None
@@ -138,6 +151,17 @@ def current_worker() -> RactoCeleryWorker:
     """The current worker; the first call connects as ``connect()`` would."""
     with _lock:
         return _current if _current is not None else connect()
+
+
+def embedded_gone(worker: RactoCeleryWorker) -> bool:
+    """``worker`` ran on an embedded worker that has since stopped (a later ``connect()`` replaced it).
+
+    Its in-process queue went with it: work sent through it now would never run.
+    """
+    if not is_embedded_url(str(worker.app.conf.broker_url or "") or None):
+        return False
+    with _lock:
+        return _embedded is None or _embedded.app is not worker.app or not _embedded.is_alive()
 
 
 def connected_worker() -> RactoCeleryWorker | None:
@@ -154,15 +178,30 @@ def disconnect(timeout_s: float = 30.0) -> None:
     with _lock:
         runner, _embedded = _embedded, None
         _current, _current_key = None, None
-        if runner is not None:
-            runner.stop(timeout_s=timeout_s)
+    if runner is not None:
+        runner.stop(timeout_s=timeout_s)  # outside the lock: connect() elsewhere need not wait for it
 
 
 def _replace(worker: RactoCeleryWorker, key: tuple[Any, ...], runner: EmbeddedWorker | None) -> None:
     global _current, _current_key, _embedded
     if _embedded is not None and _embedded is not runner:
-        _embedded.stop()
+        _stop_quietly(_embedded)
     _current, _current_key, _embedded = worker, key, runner
+
+
+def _drop_embedded() -> None:
+    global _current, _current_key, _embedded
+    old, _embedded, _current, _current_key = _embedded, None, None, None
+    if old is not None:
+        _stop_quietly(old)
+
+
+def _stop_quietly(runner: EmbeddedWorker) -> None:
+    """Stop a replaced embedded worker without holding the kernel: a call still running finishes on its own."""
+    try:
+        runner.stop(timeout_s=EMBEDDED_STOP_S)
+    except EmbeddedError as exc:
+        logger.warning("racto_nb: %s", exc)
 
 
 def _start_embedded(

@@ -28,20 +28,23 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 from uuid import uuid4
 
 from typing_extensions import Unpack
 
 from racto_nb.config import DEFAULT_WORKER_CONCURRENCY, env_name, is_embedded_url, load_config
+from racto_nb.engine.worker import FOLLOW_PID_ENV, STARTED_BY_ENV
 from racto_nb.errors import EmbeddedBrokerError, InvalidArgument, WorkerStartError
 from racto_nb.fleet.connection import connected_worker
+from racto_nb.fleet.status import worker_heartbeats
 from racto_nb.lifecycle import StartStop
 
 __all__ = [
@@ -49,6 +52,7 @@ __all__ = [
     "READY_PATTERN",
     "WorkerPool",
     "WorkerProcess",
+    "orphan_workers",
     "running_workers",
     "start_workers",
     "stop_workers",
@@ -439,6 +443,8 @@ def start_workers(
     if n < 1:
         raise InvalidArgument(f"n must be >= 1 (got {n})")
     env = _broker_env() if app == DEFAULT_APP else {}
+    # They follow this kernel: a kernel killed (hard restart) takes them down instead of orphaning them.
+    env.update({FOLLOW_PID_ENV: str(os.getpid()), STARTED_BY_ENV: _this_kernel()})
     pool = WorkerPool.of(app, n, concurrency=concurrency, env=env, cwd=cwd or Path.cwd())
     pool.start(timeout_s=timeout_s)
     _started.extend(pool.workers)
@@ -446,12 +452,52 @@ def start_workers(
 
 
 def stop_workers(workers: Sequence[WorkerProcess] | None = None, *, timeout_s: float = 10.0) -> int:
-    """Warm-stop ``workers`` (default: every worker :func:`start_workers` started); return how many."""
+    """Warm-stop ``workers``; return how many.
+
+    By default: every worker :func:`start_workers` started in this kernel, and
+    every :func:`orphan_workers` one (started here by a kernel that is gone),
+    which is asked to stop through the broker (Celery's ``shutdown`` control).
+    """
     chosen = list(_started if workers is None else workers)
     stopped = [w for w in chosen if w.is_alive()]
     WorkerPool(chosen).stop(timeout_s=timeout_s)
     _started[:] = [w for w in _started if w not in chosen]
-    return len(stopped)
+    orphans = orphan_workers() if workers is None else []
+    current = connected_worker()
+    if orphans and current is not None:
+        current.app.control.shutdown(destination=[str(o["hostname"]) for o in orphans])
+    return len(stopped) + len(orphans)
+
+
+def orphan_workers() -> list[dict[str, Any]]:
+    """Heartbeats of workers that ``start_workers`` started on this machine from a kernel no longer running.
+
+    Normally there are none (they follow their kernel); this finds the ones
+    that could not, e.g. a worker busy in a call that outlived the kernel.
+    """
+    current = connected_worker()
+    online = worker_heartbeats(current) if current is not None else None
+    host = socket.gethostname()
+    found = []
+    for record in online or []:
+        where, _, pid = str(record.get("started_by") or "").rpartition(":")
+        if where == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            found.append(record)
+    return found
+
+
+def _this_kernel() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def running_workers() -> list[WorkerProcess]:

@@ -15,12 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from racto_nb.config import BROKER_ANSWER_TIMEOUT_S, is_embedded_url, load_config, mask_url
 from racto_nb.engine.celery_app import build_celery
+from racto_nb.engine.recovery import LiveWorkers
+from racto_nb.engine.store import MemoryStore, store_for
 from racto_nb.engine.worker import RactoCeleryWorker
 from racto_nb.errors import InvalidSource
 from racto_nb.fleet.connection import connected_worker
 from racto_nb.fleet.probe import broker_unreachable_message, call_with_deadline, connect_once, queue_depth
 
-__all__ = ["FleetStatus", "WorkerInfo", "status"]
+__all__ = ["FleetStatus", "WorkerInfo", "status", "worker_heartbeats"]
 
 #: How long ``inspect`` collects worker replies: every online worker answers well within it.
 INSPECT_TIMEOUT_S = 1.0
@@ -171,3 +173,15 @@ def _worker_info(name: str, info: dict[str, Any]) -> WorkerInfo:
         pool=short,
         processed=sum(int(v) for v in total.values()) if isinstance(total, dict) else 0,
     )
+
+
+def worker_heartbeats(worker: RactoCeleryWorker) -> list[dict[str, Any]] | None:
+    """The heartbeat of every live worker process on ``worker``'s backend (``None`` when embedded: none are written).
+
+    Read from the backend, not by a broadcast: it answers at once, with no
+    worker online as well, and lists workers started from any kernel.
+    """
+    store = store_for(worker.app.backend)
+    if isinstance(store, MemoryStore):
+        return None
+    return LiveWorkers(store).listing()

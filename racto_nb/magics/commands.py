@@ -239,6 +239,11 @@ def workers(shell: Any, args: Any) -> None:
             notice("no workers started from this kernel are running; start some: %racto_workers start 2")
         for process in running:
             notice(_worker_line(process))
+        for record in api.orphan_workers():
+            notice(
+                f"{record.get('hostname')}  pid {record.get('pid')}  started by {record.get('started_by')}, "
+                "a kernel that is gone; %racto_workers stop stops it"
+            )
 
 
 def _start_workers(n: int, concurrency: int | None) -> None:

@@ -29,7 +29,8 @@ import pandas as pd
 from racto_nb.batch.batch import Batch
 from racto_nb.engine.polling import poll
 from racto_nb.engine.worker import timed_out
-from racto_nb.errors import StillRunning
+from racto_nb.errors import EmbeddedError, StillRunning
+from racto_nb.fleet.connection import current_worker, embedded_gone
 from racto_nb.models import BatchProgress, TaskResult, TaskStatus
 from racto_nb.notebook.claims import claim
 from racto_nb.notebook.display import (
@@ -310,11 +311,30 @@ class BatchRun:
 
     def retry_failed(self) -> int:
         """Resubmit the failed rows into this same batch and follow them; returns how many."""
-        return self._follow_again(self.batch.retry_failed())
+        return self._follow_again(self._live_batch().retry_failed())
 
     def resume(self, max_cost_usd: float | None = None) -> int:
         """Send the rows a pause held back (quota came back, or a higher ``max_cost_usd``); returns how many."""
-        return self._follow_again(self.batch.resume(max_cost_usd=max_cost_usd), always=True)
+        return self._follow_again(self._live_batch().resume(max_cost_usd=max_cost_usd), always=True)
+
+    def _live_batch(self) -> Batch:
+        """The batch, on a worker that can still run it.
+
+        An embedded batch whose worker a later ``connect()`` replaced would send
+        its new round into a queue nobody reads; it moves to the current
+        embedded worker instead, the way a restarted kernel reattaches (from
+        its checkpoint, which has every row).
+        """
+        with self._lock:
+            if embedded_gone(self.batch.worker):
+                current = current_worker()
+                if embedded_gone(current):
+                    raise EmbeddedError(
+                        f"batch {self.batch_id} ran on an embedded worker that has stopped: racto_nb.connect() "
+                        "again (embedded), then retry"
+                    )
+                self.batch = Batch.attach(current, self.batch_id)
+            return self.batch
 
     def _follow_again(self, count: int, *, always: bool = False) -> int:
         if count or always:
