@@ -128,6 +128,7 @@ class BatchOptions(_FollowOptions, total=False):
     frame: pd.DataFrame | None
     cache: bool
     max_cost_usd: float | None
+    prompt_column: bool
 
 
 class AttachOptions(_FollowOptions, total=False):
@@ -212,6 +213,7 @@ def _run_batch(
     interval_s: float = DEFAULT_INTERVAL_S,
     cache: bool = True,
     max_cost_usd: float | None = None,
+    prompt_column: bool = True,
 ) -> pd.DataFrame | BatchRun:
     _check_options(temperature, max_tokens, timeout_s, progress)
     _check_cost(max_cost_usd)
@@ -229,6 +231,7 @@ def _run_batch(
         title=title,
         cache=cache,
         max_cost_usd=max_cost_usd,
+        prompt_column=prompt_column,
     )
     _say_if_no_worker(chosen, batch)
     run = BatchRun(

@@ -122,13 +122,20 @@ class TaskFailed(RactoError):
     """Final failure of a task, as stored in the result backend."""
 
     def __init__(
-        self, message: str, error_type: str, status_code: int | None = None, attempts: int = 1
+        self,
+        message: str,
+        error_type: str,
+        status_code: int | None = None,
+        attempts: int = 1,
+        history: list[str] | None = None,
     ) -> None:
-        super().__init__(message, error_type, status_code, attempts)
+        super().__init__(message, error_type, status_code, attempts, list(history or []))
         self.message = message
         self.error_type = error_type
         self.status_code = status_code
         self.attempts = attempts
+        #: What went wrong in each earlier attempt, oldest first (the last one is ``message``).
+        self.history = list(history or [])
 
     def __str__(self) -> str:
         return self.message

@@ -77,6 +77,10 @@ class TaskResult(BaseModel):
         "may have reached the provider more than once.",
     )
     worker: str | None = Field(default=None, description="The worker (node name) that ran or is running it.")
+    history: list[str] = Field(
+        default_factory=list,
+        description="What went wrong in each earlier attempt, oldest first ('attempt 1: RateLimit (HTTP 429): ...').",
+    )
     cached: bool = Field(default=False, description="Answered from the ledger: not sent, not paid for again.")
     cost_usd: float | None = Field(default=None, description="What the call cost (0 when cached; None: no price).")
     saved_usd: float | None = Field(default=None, description="When cached: what the answer cost when it was paid.")

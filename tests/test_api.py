@@ -395,3 +395,33 @@ def test_no_worker_online_is_said_at_once_on_submit_and_on_attach(
     out = capsys.readouterr().out
     assert "no worker is online" in out and "%racto_workers start 2" in out
     run.cancel()
+
+
+def test_a_retried_row_keeps_its_attempt_history_across_retry_failed(
+    worker: RactoCeleryWorker, fake_openai: FakeOpenAIServer, unique_case: str
+) -> None:
+    flaky, bad = f"{unique_case}-flaky", f"{unique_case}-bad"
+    fake_openai.script(flaky, ["429"])
+    fake_openai.script(bad, ["401"])
+    run = api.run_batch([f"a [case:{flaky}]", f"b [case:{bad}]"], worker=worker, wait=False, progress="none")
+    assert run.done.wait(30)
+    first = run.result()
+    assert first["status"].tolist() == ["success", "failure"]
+    assert len(first["history"].iloc[0]) == 1 and "attempt 1: " in first["history"].iloc[0][0]
+    assert "HTTP 429" in first["history"].iloc[0][0]
+    assert first["history"].iloc[1] == []  # a 401 is not retried: its one attempt is its error
+
+    assert run.retry_failed() == 1 and run.done.wait(30)
+    history = run.result()["history"].iloc[1]
+    assert run.result()["status"].iloc[1] == "success"
+    assert len(history) == 1 and history[0].startswith("round 0: failure after 1 attempts: ")
+    assert "HTTP 401" in history[0]
+
+
+def test_a_run_handle_renders_its_state_as_static_html(
+    worker: RactoCeleryWorker, unique_case: str
+) -> None:
+    run = api.run_batch([f"{i} [case:{unique_case}]" for i in range(3)], worker=worker, wait=False, progress="none")
+    assert run.done.wait(30)
+    page = run._repr_html_()
+    assert "Finished" in page and "success: 3" in page and f"--attach {run.batch_id}" in page

@@ -217,3 +217,14 @@ def _pid_alive(pid: int) -> bool:
     # A zombie (exited, not yet reaped by init) counts as gone.
     stat = Path(f"/proc/{pid}/stat")
     return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def test_connect_notices_changed_settings_instead_of_returning_the_old_worker(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = racto_nb.connect(redis.url)
+    assert racto_nb.connect(redis.url) is first  # the same settings: the same worker, as a re-run cell expects
+    monkeypatch.setenv("RACTO_MODEL", "another-model")
+    second = racto_nb.connect(redis.url)
+    assert second is not first
+    assert getattr(second.kit, "model", None) == "another-model", second.kit

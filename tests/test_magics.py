@@ -514,3 +514,14 @@ def test_an_on_done_error_is_reported_the_same_for_a_task_and_a_batch_and_fails_
     out = capsys.readouterr().out
     assert f"batch {batch.batch_id} is complete, but its on_done callback raised KeyError" in out
     assert f"task {task.task_id} is complete, but its on_done callback raised KeyError" in out
+
+
+def test_the_frame_carries_each_rows_prompt_unless_no_prompt(ip: InteractiveShell, unique_case: str) -> None:
+    ip.user_ns["df"] = _frame(unique_case)
+    ip.run_line_magic("racto_batch", 'df --template "Rate: {review}" --out labels')
+    labels = ip.user_ns["labels"]
+    assert labels["prompt"].iloc[0] == f"Rate: good [case:{unique_case}]"
+    assert pd.isna(labels["prompt"].iloc[2])  # skipped: nothing was sent
+
+    ip.run_line_magic("racto_batch", 'df --template "Rate: {review}" --out bare --no-prompt')
+    assert "prompt" not in ip.user_ns["bare"].columns

@@ -101,7 +101,7 @@ def test_magics_notebook_runs_top_to_bottom(
     assert "success after 1 attempt(s)" in outputs
     assert "echo: Summarise this report in three bullets: Q3 revenue grew 4%" in outputs
     assert "still free while it runs: 42" in outputs
-    assert f"same frame: (6, {len(FRAME_COLUMNS)})" in outputs
+    assert f"same frame: (6, {len(FRAME_COLUMNS) + 1})" in outputs  # + the prompt column
     widget_views = [
         o
         for c in code
@@ -179,3 +179,55 @@ def _await_update(kc: Any, wanted: Any, *, timeout_s: float) -> dict[str, Any]:
         if data.get("method") == "update" and wanted(data.get("state", {})):
             return msg
     raise AssertionError("no widget update from the watcher thread reached the kernel's iopub channel")
+
+
+def test_text_progress_from_a_background_batch_stays_in_its_own_cell(
+    app_worker: WorkerProcess,
+    racto_env: dict[str, str],
+    python3_kernel: str,
+    fake_openai: FakeOpenAIServer,
+    unique_case: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With text progress (nbconvert, terminals) the bar is written from the watcher thread; under
+    ipykernel 7 a write goes to the cell of the writer's context, so it must be the cell that started it."""
+    import queue
+    import time
+
+    from jupyter_client.manager import start_new_kernel
+
+    for name, value in racto_env.items():
+        monkeypatch.setenv(name, value)
+    fake_openai.script(unique_case, [], latency_s=0.5)
+    km, kc = start_new_kernel(kernel_name=python3_kernel, startup_timeout=60)
+    try:
+        setup = kc.execute(
+            "import pandas as pd, time\n%load_ext racto_nb\n%racto_connect\n"
+            '%config RactoMagics.progress = "text"\n'
+        )
+        _reply(kc, setup)
+        started = kc.execute(
+            f"s = pd.Series([f'bg {{i}} [case:{unique_case}]' for i in range(6)])\n"
+            "run = %racto_batch s --background\n"
+        )
+        _reply(kc, started)
+        later = kc.execute("time.sleep(4)\nprint('later cell')\n")
+        _reply(kc, later)
+        done = kc.execute("", user_expressions={"done": "run.done.wait(30)"})
+        assert _reply(kc, done)["content"]["user_expressions"]["done"]["data"]["text/plain"] == "True"
+
+        streams: dict[str, str] = {}
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                msg = kc.get_iopub_msg(timeout=0.5)
+            except queue.Empty:
+                break
+            if msg["msg_type"] == "stream":
+                parent = msg["parent_header"].get("msg_id", "")
+                streams[parent] = streams.get(parent, "") + msg["content"]["text"]
+        assert "6/6" in streams.get(started, ""), streams  # the bar, in the cell that started the batch
+        assert streams.get(later, "").strip() == "later cell", streams  # and nothing of it in the later cell
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)

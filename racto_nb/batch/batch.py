@@ -107,6 +107,7 @@ FRAME_COLUMNS = [
     "deliveries",
     "cached",
     "cost_usd",
+    "history",
 ]
 
 # Row states as the batch keeps them, one byte per row.
@@ -205,6 +206,8 @@ class Batch:
         #: Answer rows from the pay-once ledger and send twins once (``cache=False`` turns both off).
         self.cache = bool(opts.get("cache", True))
         self.max_cost_usd: float | None = opts.get("max_cost_usd")
+        #: The result frame carries each row's rendered ``prompt`` (``prompt_column=False`` leaves it out).
+        self.prompt_column: bool = bool(opts.get("prompt_column", True))
         self.twins = Twins.none(n)
         self.pause_reason: str | None = None
         self.spent = {"cost_usd": 0.0, "saved_usd": 0.0, "cached": 0}
@@ -249,6 +252,7 @@ class Batch:
         title: str = "",
         cache: bool = True,
         max_cost_usd: float | None = None,
+        prompt_column: bool = True,
     ) -> Batch:
         """Save the manifest, then checkpoint the inputs and publish them (in a daemon thread by default).
 
@@ -279,7 +283,7 @@ class Batch:
             "checkpoint": str(checkpoint.path),
             "host": socket.gethostname(),
             "title": title,
-            "opts": {"cache": cache, "max_cost_usd": max_cost_usd},
+            "opts": {"cache": cache, "max_cost_usd": max_cost_usd, "prompt_column": prompt_column},
         }
         batch = cls(
             worker, batch_id=batch_id, manifest=manifest, checkpoint=checkpoint, index=rows.index, skipped=rows.skipped
@@ -954,6 +958,7 @@ class Batch:
                 "cached": result.cached,
                 "cost_usd": result.cost_usd,
                 "saved_usd": result.saved_usd,
+                "history": result.history,
             }
         )
         if result.status is TaskStatus.SUCCESS:
@@ -1144,7 +1149,8 @@ class Batch:
             rounds = self.round_of.copy()
         n = len(status)
         table = self.checkpoint.results()
-        done = table.to_pandas(types_mapper=_types).drop_duplicates("position", keep="last").set_index("position")
+        every = table.to_pandas(types_mapper=_types)
+        done = every.drop_duplicates("position", keep="last").set_index("position")
         done = done[done["round"].to_numpy() == rounds[done.index.to_numpy()]] if len(done) else done
         frame = done.reindex(pd.RangeIndex(n))
         frame = frame[FRAME_COLUMNS].copy()
@@ -1167,15 +1173,25 @@ class Batch:
                 [reasons[int(p)].as_py() for p in skipped] if reasons is not None else "row not sent"
             )
         frame["parsed"] = [None if v is None or v is pd.NA else json.loads(v) for v in frame["parsed"].tolist()]
+        frame["history"] = _histories(every, frame["history"], rounds)
         for column in ("status_code", "prompt_tokens", "completion_tokens", "total_tokens", "deliveries"):
             frame[column] = frame[column].astype("Int64")
         frame["attempts"] = frame["attempts"].fillna(0).astype("int64")
         frame["latency_s"] = frame["latency_s"].astype("float64")
         frame["cached"] = frame["cached"].fillna(False).astype(bool)
         frame["cost_usd"] = frame["cost_usd"].astype("float64")
+        if self.prompt_column:
+            frame["prompt"] = self._prompts(n)
         frame.index = self.index
         frame.attrs["racto_batch_id"] = self.batch_id
         return frame
+
+    def _prompts(self, n: int) -> pd.Series:
+        """The rendered prompt of each row, from the checkpoint (what was sent is what the answer answers)."""
+        messages = self.checkpoint.messages().to_pandas(types_mapper=_types)
+        if len(messages) < n:  # still being checkpointed: the rest is not known yet
+            messages = messages.reindex(pd.RangeIndex(n))
+        return messages.astype("string").set_axis(pd.RangeIndex(n))
 
     def results(self) -> list[TaskResult]:
         """One ``TaskResult`` per row, in row order (skipped rows: FAILURE ``NotSent``)."""
@@ -1334,6 +1350,28 @@ class Batch:
     def _read_pause(self) -> None:
         raw = self.store.get(pause_key(self.batch_id))
         self.pause_reason = None if raw is None else raw.decode()
+
+
+def _histories(every: pd.DataFrame, current: pd.Series, rounds: npt.NDArray[Any]) -> list[list[str]]:
+    """Each row's attempt history: earlier rounds (a Retry failed) first, then its current round's.
+
+    Most rows have one record and no history; only positions recorded more
+    than once are looked at row by row.
+    """
+    out = [list(h) if isinstance(h, (list, np.ndarray)) else [] for h in current.tolist()]
+    if not len(every):
+        return out
+    repeated = every[every["position"].duplicated(keep=False)]
+    for position, records in repeated.groupby("position", sort=False):
+        earlier: list[str] = []
+        for record in records.itertuples(index=False):
+            if int(record.round) >= int(rounds[int(position)]):
+                continue
+            lines = record.history if record.history is not None else []
+            earlier.extend(f"round {record.round}, {line}" for line in lines)
+            earlier.append(f"round {record.round}: {record.status} after {record.attempts} attempts: {record.error}")
+        out[int(position)] = earlier + out[int(position)]
+    return out
 
 
 def _require_storable(index: pd.Index) -> None:

@@ -72,6 +72,7 @@ RESULT_SCHEMA = pa.schema(
         ("cached", pa.bool_()),
         ("cost_usd", pa.float64()),
         ("saved_usd", pa.float64()),
+        ("history", pa.list_(pa.string())),
     ]
 )
 
@@ -185,6 +186,15 @@ class Checkpoint:
                     self._parts.pop(next(iter(self._parts)))
                 self._parts[part] = table
             return table
+
+    def messages(self) -> pa.Array:
+        """Every position's rendered prompt (``None`` for rows not sent), in order, as far as spooled."""
+        files = sorted((self.path / "inputs").glob("part-*.parquet"))
+        if not files:
+            return pa.array([], pa.string())
+        return pa.concat_arrays(
+            [pq.read_table(f, columns=["message"]).column("message").combine_chunks() for f in files]
+        )
 
     def reasons(self) -> pa.Array:
         """Every position's reason for not being sent (``None`` for rows that were), in order."""

@@ -97,9 +97,11 @@ def envelope(
     cached: bool = False,
     cost_usd: float | None = None,
     saved_usd: float | None = None,
+    history: list[str] | None = None,
 ) -> dict[str, Any]:
     """What a SUCCESS row stores (see the module docstring)."""
     return {
+        "history": list(history or []),
         "output": output,
         "attempts": attempts,
         "latency_s": latency_s,
@@ -205,6 +207,7 @@ def to_task_result(task_id: str, meta: dict[str, Any] | None, *, now: float | No
         fields = describe(value)
         if isinstance(value, TaskFailed):
             fields["attempts"] = value.attempts
+            fields["history"] = list(getattr(value, "history", None) or [])
         elif isinstance(value, RetryScheduled):
             wait = value.retry_at - (time.time() if now is None else now)
             fields.update(attempts=value.attempts, max_retries=value.max_retries, retry_in_s=max(wait, 0.0))
@@ -224,5 +227,6 @@ def _from_envelope(value: Any) -> dict[str, Any]:
             "cached": bool(value.get("cached", False)),
             "cost_usd": value.get("cost_usd"),
             "saved_usd": value.get("saved_usd"),
+            "history": list(value.get("history") or []),
         }
     return {"result": value, "attempts": 1}

@@ -65,6 +65,8 @@ EVENTS_MAXLEN = 100_000
 #: A row waiting for the account (out of quota) or the batch's budget: not run, not failed (Celery's own
 #: vocabulary has no such state; ``AsyncResult`` reports it as it is stored).
 PAUSED = "PAUSED"
+#: An attempt's line in a row's history is cut here: the history says what happened, the error says it in full.
+HISTORY_CHARS = 200
 #: One-letter event codes, as a kernel reads them from the stream.
 EVENT_CODES = {
     states.STARTED: "S",
@@ -88,6 +90,7 @@ class _Row:
     deliveries: int = field(default=1, compare=False)  # workers the current attempt was handed to
     config: ChatConfig | None = field(default=None, compare=False)  # chat rows: the request
     fingerprint: str | None = field(default=None, compare=False)  # its key in the ledger, when cached
+    history: list[str] = field(default_factory=list, compare=False)  # what went wrong in each earlier attempt
 
 
 @dataclass
@@ -232,6 +235,7 @@ class ChunkRunner:
             cached=cached,
             cost_usd=cost,
             saved_usd=saved if cached else None,
+            history=row.history,
         )
 
     def _execute(self, rows: list[_Row]) -> None:
@@ -321,6 +325,7 @@ class ChunkRunner:
         what = verdict.error_type + (f" (HTTP {verdict.status_code})" if verdict.status_code else "")
         what += f": {_explain(error, with_cause=verdict.status_code is None)}"
         if verdict.retryable and attempt <= retry.max_retries:
+            row.history.append(f"attempt {attempt}: {what[:HISTORY_CHARS]}")
             countdown = retry.countdown(attempt - 1, verdict.retry_after_s)
             row.attempts, row.deliveries, row.due = attempt, 1, time.time() + countdown
             scheduled = RetryScheduled(
@@ -329,7 +334,7 @@ class ChunkRunner:
             self._write_now(row, states.RETRY, encode_meta(self.backend, spec["id"], states.RETRY, scheduled))
             return "retry"
         why = f"gave up after {attempt} attempts" if verdict.retryable else "not retried"
-        failure = TaskFailed(f"{what} ({why})", verdict.error_type, verdict.status_code, attempt)
+        failure = TaskFailed(f"{what} ({why})", verdict.error_type, verdict.status_code, attempt, row.history)
         self._buffer(row, states.FAILURE, failure)
         return "done"
 

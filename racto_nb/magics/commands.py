@@ -161,7 +161,13 @@ def batch(shell: Any, args: Any, cell: str | None, *, progress: ProgressChoice) 
                 shell.user_ns[args.out] = guess
             return None
         outcome = api.run_batch(
-            source, template, write_back=args.write_back, max_cost_usd=args.max_cost, **shared, **common
+            source,
+            template,
+            write_back=args.write_back,
+            max_cost_usd=args.max_cost,
+            prompt_column=not args.no_prompt,
+            **shared,
+            **common,
         )
     if args.background:
         notice(

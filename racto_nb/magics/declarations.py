@@ -155,6 +155,7 @@ class RactoMagics(Magics):
         metavar="USD",
         help="Pause the batch before its spend (calls in flight included) would pass USD.",
     )
+    @argument("--no-prompt", action="store_true", help="Leave the rendered prompt column out of the result.")
     @argument(
         "--estimate",
         action="store_true",

@@ -41,7 +41,7 @@ from racto_nb.notebook.display import (
     task_ended_early,
 )
 from racto_nb.notebook.kernel import CellContext
-from racto_nb.notebook.views import ProgressChoice, ProgressView, StatusView, make_view, notice
+from racto_nb.notebook.views import ProgressChoice, ProgressView, StatusView, make_view, notice, progress_html
 from racto_nb.notebook.write_back import WriteBack
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ class BatchRun:
         cancel_button: bool = True,
     ) -> None:
         self.batch = batch
+        self._title = title
         self.on_done = on_done
         #: Where the answers go when the batch ends: by index label, and only while this is the newest run.
         self.write_back = (
@@ -113,6 +114,11 @@ class BatchRun:
         state = "done" if self.done.is_set() else "running"
         counts = f", {last.done}/{last.total} final" if last is not None else ""
         return f"<BatchRun {self.batch_id}: {state}{counts}>"
+
+    def _repr_html_(self) -> str:
+        """The batch as it is now, as static HTML: what a notebook saved by nbconvert (no widget state) shows."""
+        last = self._last if self.done.is_set() and self._last is not None else self.batch.refresh()
+        return progress_html(last, self._title)
 
     @property
     def batch_id(self) -> str:
