@@ -91,6 +91,7 @@ class BatchRun:
         self.callback_error: BaseException | None = None
         #: The wait ran out before every row was final: ``done`` is set and the frame is the rows as they were.
         self.timed_out = False
+        self._ended = False
         self._cell = CellContext()
         # A blocking cell keeps the kernel from handling a click until the batch
         # ends, so only background runs get a Cancel button (Ctrl-C stops a wait).
@@ -239,10 +240,10 @@ class BatchRun:
         self._close_view(self._last)
 
     def _finish(self, progress: BatchProgress) -> pd.DataFrame:
-        # Stored first (frame built, written back), signalled after: whoever sees done can have the result.
+        # In this order: the frame stored (and written back), the view says so, on_done has it (the
+        # magics' --out), and only then done: whoever waits on done finds every one of them in place.
         with self._lock:
             result = self._store_frame()
-            self.done.set()
             self._draw(progress)
             failures = progress.count(TaskStatus.FAILURE)
             if not (failures and self._rounds == 0 and self.view.interactive):
@@ -255,7 +256,6 @@ class BatchRun:
         with self._lock:
             self.timed_out = True
             result = self._store_frame()
-            self.done.set()
             self._close_view(progress)
         self._say(batch_ended_early(self.batch_id, progress, why=why))
         self._hand_over(result)
@@ -274,7 +274,11 @@ class BatchRun:
         return self._frame
 
     def _hand_over(self, result: pd.DataFrame) -> None:
-        self.callback_error = _call_back(self.on_done, result, f"batch {self.batch_id}", self._say)
+        self._ended = True  # result() answers from here on, on_done included
+        try:
+            self.callback_error = _call_back(self.on_done, result, f"batch {self.batch_id}", self._say)
+        finally:
+            self.done.set()
 
     def _say(self, text: str) -> None:
         """A notice from whichever thread, shown in the cell that started the run."""
@@ -291,7 +295,7 @@ class BatchRun:
         """
         if self.error is not None:
             raise RuntimeError(f"watching batch {self.batch_id} failed: {self.error!r}") from self.error
-        if self._frame is None or not self.done.is_set():
+        if self._frame is None or not self._ended:
             raise StillRunning(
                 f"batch {self.batch_id} is still running: wait with run.done.wait(), or look at the rows "
                 "so far with run.frame()"
@@ -345,6 +349,7 @@ class BatchRun:
     def _follow_again(self, count: int, *, always: bool = False) -> int:
         if count or always:
             self._rounds += 1
+            self._ended = False
             self.done.clear()
             self._view_closed = False
             again = getattr(self.view, "again", None)
@@ -377,6 +382,7 @@ class TaskRun:
         #: What ``on_done`` raised, if it did: reported, and never a failure of the task.
         self.callback_error: BaseException | None = None
         self._result: TaskResult | None = None
+        self._ended = False
         self._stop = threading.Event()
         self._cell = CellContext()  # created in the cell that sent the task: notices go there
         self._thread = threading.Thread(target=self._watch, name=f"racto-task-{task_id[:8]}", daemon=True)
@@ -406,11 +412,15 @@ class TaskRun:
         self.line.close(final)
         if self._stop.is_set() and not final.status.is_final:
             return  # stop_watching(): nothing ended
-        # Final, or the wait ran out (the state as it is, error_type WaitTimeout): either way the run ends here.
-        self.done.set()
+        # Final, or the wait ran out (the state as it is, error_type WaitTimeout): either way the run ends
+        # here, and done is set once on_done has the result (as for a batch).
+        self._ended = True
         if not final.status.is_final:
             self._say(task_ended_early(self.task_id, final, why=f"Timed out after {self.timeout_s:g} s"))
-        self.callback_error = _call_back(self.on_done, final, f"task {self.task_id}", self._say)
+        try:
+            self.callback_error = _call_back(self.on_done, final, f"task {self.task_id}", self._say)
+        finally:
+            self.done.set()
 
     def _say(self, text: str) -> None:
         self._cell.run(lambda: notice(text))
@@ -425,7 +435,7 @@ class TaskRun:
         """The final ``TaskResult``; raises while the task runs."""
         if self.error is not None:
             raise RuntimeError(f"watching task {self.task_id} failed: {self.error!r}") from self.error
-        if self._result is None or not self.done.is_set():
+        if self._result is None or not self._ended:
             raise StillRunning(
                 f"task {self.task_id} is still running: wait with run.done.wait(), or read its state now "
                 f"with racto_nb.api.get_result({self.task_id!r})"
