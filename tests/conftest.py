@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,3 +89,30 @@ def engine_worker(openai_app: Any, worker_env: dict[str, str], repo_root: Path) 
     env = {**worker_env, "OPENAI_API_KEY": WORKER_API_KEY}
     with WorkerProcess("tests.worker_apps.openai_app:app", concurrency=8, env=env, cwd=repo_root) as process:
         yield process
+
+
+@pytest.fixture(scope="module")
+def shell() -> Iterator[Any]:
+    """An IPython shell with the magics loaded and quiet progress (jupysql's way of testing magics)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "racto_nb")
+    ip.run_line_magic("config", 'RactoMagics.progress = "none"')
+    yield ip
+    ip.run_line_magic("unload_ext", "racto_nb")
+
+
+@pytest.fixture(scope="session")
+def python3_kernel() -> str:
+    """The ``racto-nb-test`` kernelspec (scripts/test.sh registers it); installed for this user if missing."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if "racto-nb-test" not in KernelSpecManager().find_kernel_specs():
+        subprocess.run(
+            [sys.executable, "-m", "ipykernel", "install", "--user", "--name", "racto-nb-test"],
+            check=True,
+            capture_output=True,
+        )
+    return "racto-nb-test"
+

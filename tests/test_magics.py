@@ -29,15 +29,6 @@ __all__ = ["worker"]  # fixture, imported for pytest
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def shell() -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "racto_nb")
-    ip.run_line_magic("config", 'RactoMagics.progress = "none"')
-    yield ip
-    ip.run_line_magic("unload_ext", "racto_nb")
-
-
 @pytest.fixture
 def ip(shell: InteractiveShell, worker: RactoCeleryWorker) -> Iterator[InteractiveShell]:
     racto_nb.connect(worker)

@@ -34,15 +34,6 @@ def redis() -> Iterator[RedisServer]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def shell() -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "racto_nb")
-    ip.run_line_magic("config", 'RactoMagics.progress = "none"')
-    yield ip
-    ip.run_line_magic("unload_ext", "racto_nb")
-
-
 @pytest.fixture
 def ip(
     shell: InteractiveShell, fake_openai: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

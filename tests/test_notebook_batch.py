@@ -8,8 +8,6 @@ them. The worker is the generic app users run: ``celery -A racto_nb.app worker``
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,19 +46,6 @@ def app_worker(racto_env: dict[str, str], repo_root: Path) -> Iterator[WorkerPro
     env = {**racto_env, "OPENAI_API_KEY": "sk-notebook-worker"}
     with WorkerProcess("racto_nb.app", concurrency=8, env=env, cwd=repo_root) as process:
         yield process
-
-
-@pytest.fixture(scope="module")
-def python3_kernel() -> str:
-    from jupyter_client.kernelspec import KernelSpecManager
-
-    if "racto-nb-test" not in KernelSpecManager().find_kernel_specs():
-        subprocess.run(
-            [sys.executable, "-m", "ipykernel", "install", "--user", "--name", "racto-nb-test"],
-            check=True,
-            capture_output=True,
-        )
-    return "racto-nb-test"
 
 
 def _text(cell: Any) -> str:

@@ -38,20 +38,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="session")
-def python3_kernel() -> str:
-    """The ``racto-nb-test`` kernelspec (scripts/test.sh registers it); installed for this user if missing."""
-    from jupyter_client.kernelspec import KernelSpecManager
-
-    if "racto-nb-test" not in KernelSpecManager().find_kernel_specs():
-        subprocess.run(
-            [sys.executable, "-m", "ipykernel", "install", "--user", "--name", "racto-nb-test"],
-            check=True,
-            capture_output=True,
-        )
-    return "racto-nb-test"
-
-
 @pytest.fixture
 def no_racto_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
