@@ -69,7 +69,7 @@ from racto_nb.engine.keys import (
 from racto_nb.engine.polling import poll
 from racto_nb.engine.recovery import LiveWorkers, find_vanished
 from racto_nb.engine.results import encode_meta, meta_key, to_task_result
-from racto_nb.engine.store import Store, connection_errors, retrying, store_for
+from racto_nb.engine.store import Store, backend_unreachable, connection_errors, retrying, store_for
 from racto_nb.errors import BatchNotFound, InvalidArgument, TaskFailed
 from racto_nb.models import (
     DEFAULT_MAX_TOKENS,
@@ -289,8 +289,13 @@ class Batch:
             worker, batch_id=batch_id, manifest=manifest, checkpoint=checkpoint, index=rows.index, skipped=rows.skipped
         )
         batch._rows = rows
-        batch.save_manifest()
-        retrying(lambda: remember(worker, batch_id, manifest["created_at"]), budget_s=batch.publish_budget_s)
+        try:
+            # One try: a backend that is down before anything was sent is a one-line error now, not a minute
+            # of retries (those are for a backend that restarts while the batch runs).
+            batch.save_manifest(budget_s=0.0)
+            remember(worker, batch_id, manifest["created_at"])
+        except connection_errors() as exc:
+            raise backend_unreachable(worker.app, exc) from None
         if max_cost_usd is not None:
             batch._budget().set_cap(float(max_cost_usd))
         checkpoint.write_index(rows.index)
@@ -454,11 +459,15 @@ class Batch:
 
     # ------------------------------------------------------------------ manifest
 
-    def save_manifest(self) -> None:
-        """Write the manifest to the backend (expiring with the results) and to the checkpoint."""
+    def save_manifest(self, budget_s: float | None = None) -> None:
+        """Write the manifest to the backend (expiring with the results) and to the checkpoint.
+
+        ``budget_s``: how long to keep trying a backend that does not answer (default: the publish budget).
+        """
         text = json.dumps(self.manifest)
         ttl = float(self.backend.expires) if self.backend.expires else None
-        retrying(lambda: self.store.set(batch_key(self.batch_id), text, ttl_s=ttl), budget_s=self.publish_budget_s)
+        budget = self.publish_budget_s if budget_s is None else budget_s
+        retrying(lambda: self.store.set(batch_key(self.batch_id), text, ttl_s=ttl), budget_s=budget)
         self.checkpoint.write_manifest(self.manifest)
 
     # ------------------------------------------------------------------ publishing

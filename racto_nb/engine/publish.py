@@ -15,6 +15,10 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from celery import Celery, Task
+from kombu.exceptions import OperationalError
+
+from racto_nb.engine.store import broker_unreachable_message, connection_errors
+from racto_nb.errors import BrokerUnreachable
 
 
 def publish_many(
@@ -40,6 +44,26 @@ def publish_many(
         wanted["queue"] = queue
     options = amqp.router.route(wanted, task.name, None, None, task)
     options = {k: v for k, v in options.items() if v is not None}
+    unreachable: tuple[type[BaseException], ...] = (OperationalError, OSError, *connection_errors())
+    try:
+        _send(app, task, arg_tuples, task_ids, options, group_id=group_id, chunk_size=chunk_size)
+    except unreachable as exc:
+        # One line naming the broker and the fix, not kombu's nine frames; rows not sent stay unsent.
+        url = str(app.conf.broker_url)
+        raise BrokerUnreachable(broker_unreachable_message(url, str(exc) or type(exc).__name__)) from None
+
+
+def _send(
+    app: Celery,
+    task: Task,
+    arg_tuples: Sequence[tuple[Any, ...]],
+    task_ids: Sequence[str],
+    options: dict[str, Any],
+    *,
+    group_id: str | None,
+    chunk_size: int,
+) -> None:
+    amqp = app.amqp
     total = len(task_ids)
     with app.producer_or_acquire() as producer:
         for start in range(0, total, chunk_size):

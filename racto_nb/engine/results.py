@@ -34,6 +34,7 @@ from celery.backends.base import BaseKeyValueStoreBackend
 
 from racto_nb.errors import RetryScheduled, TaskFailed
 from racto_nb.models import TaskResult, TaskStatus
+from racto_nb.redact import redact
 
 __all__ = [
     "MGET_CHUNK",
@@ -178,7 +179,7 @@ def describe(exc: BaseException) -> dict[str, Any]:
     """Fields of a ``TaskResult`` that describe a stored exception of any kind."""
     if isinstance(exc, (TaskFailed, RetryScheduled)):
         return {"error": exc.message, "error_type": exc.error_type, "status_code": exc.status_code}
-    return {"error": str(exc) or type(exc).__name__, "error_type": type(exc).__name__}
+    return {"error": redact(str(exc)) or type(exc).__name__, "error_type": type(exc).__name__}
 
 
 def to_task_result(task_id: str, meta: dict[str, Any] | None, *, now: float | None = None) -> TaskResult:

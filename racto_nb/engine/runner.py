@@ -44,6 +44,7 @@ from racto_nb.engine.store import Store, retrying, store_for
 from racto_nb.errors import RetryScheduled, TaskFailed
 from racto_nb.kits.base import run_chat
 from racto_nb.models import ChatConfig
+from racto_nb.redact import redact
 
 if TYPE_CHECKING:
     from celery import Task
@@ -463,13 +464,18 @@ def _chunk_dict(chunk: Any) -> Any:
 
 
 def _explain(exc: BaseException, *, with_cause: bool) -> str:
-    """The message, plus the low-level cause SDKs hide behind "Connection error."."""
+    """The message, plus the low-level cause SDKs hide behind "Connection error.", with keys blanked.
+
+    Everything a row's error or history says is built here, so this is where
+    a key echoed by a provider or put in an exception by an SDK is removed
+    before it reaches the backend.
+    """
     text = str(exc) or type(exc).__name__
     cause = exc.__cause__ or exc.__context__
     if with_cause and cause is not None and not (str(cause) and str(cause) in text):
         detail = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
         text += f" (caused by {detail})"
-    return text
+    return redact(text)
 
 
 # ---------------------------------------------------------------------------- the embedded worker stopping

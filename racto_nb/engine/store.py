@@ -24,7 +24,8 @@ from typing import Any, Protocol, TypeVar
 
 from celery.backends.base import BaseKeyValueStoreBackend
 
-from racto_nb.errors import Unsupported
+from racto_nb.config import env_name, mask_url
+from racto_nb.errors import BrokerUnreachable, Unsupported
 
 __all__ = ["Batch", "MemoryStore", "RedisStore", "Store", "connection_errors", "retrying", "store_for"]
 
@@ -111,6 +112,21 @@ def connection_errors() -> tuple[type[BaseException], ...]:
     import redis
 
     return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, TimeoutError)
+
+
+def broker_unreachable_message(url: str | None, reason: str, what: str = "broker") -> str:
+    """What went wrong and how to fix it, with the URL's password masked (``what``: broker or result backend)."""
+    return (
+        f"cannot reach the {what} at {mask_url(url)}: {reason.rstrip('.')}. Start it (Redis: `redis-server`, or "
+        "`redis-server --daemonize yes`), or pass another URL: racto_nb.connect('redis://HOST:6379/0'). "
+        f"To run without a broker, unset {env_name('broker_url')} and call racto_nb.connect()"
+    )
+
+
+def backend_unreachable(app: Any, exc: BaseException) -> BrokerUnreachable:
+    """The one-line error for a result backend that did not answer (raise it ``from None``)."""
+    url = str(app.conf.result_backend or app.conf.broker_url)
+    return BrokerUnreachable(broker_unreachable_message(url, str(exc) or type(exc).__name__, "result backend"))
 
 
 def retrying(

@@ -46,7 +46,7 @@ from racto_nb.engine.recovery import LiveWorkers, find_vanished, mark_orphans
 from racto_nb.engine.results import ResultReader
 from racto_nb.engine.runner import ChunkRunner
 from racto_nb.engine.spending import Spending, SpendSettings
-from racto_nb.engine.store import Store, store_for
+from racto_nb.engine.store import Store, backend_unreachable, connection_errors, retrying, store_for
 from racto_nb.errors import InvalidArgument, InvalidSource, Unsupported
 from racto_nb.kits.base import Kit, Rag, require_kit, require_rag
 from racto_nb.models import (
@@ -58,6 +58,7 @@ from racto_nb.models import (
     TaskResult,
     TaskStatus,
 )
+from racto_nb.redact import install_log_redaction
 
 __all__ = [
     "DEFAULT_MAX_REDELIVERIES",
@@ -77,6 +78,8 @@ DEFAULT_MAX_REDELIVERIES = 3
 #: The seed API's waits: quick first looks (a fast answer is not held back), then at most every 50 ms.
 _POLL_FIRST_S = 0.005
 _POLL_MAX_S = 0.05
+#: How long ``wait`` keeps trying a result backend that stopped answering (a restart) before raising.
+WAIT_RECONNECT_BUDGET_S = 60.0
 #: A chunk sent this long ago with no trace of any of its rows is checked for having been lost.
 VANISHED_AFTER_S = 15.0
 #: Chunks this client remembers having sent, so ``wait`` can send a lost one again.
@@ -346,8 +349,11 @@ class RactoCeleryWorker:
 
     def get_result(self, task_id: str) -> TaskResult:
         """The task's state now, without blocking (STARTED and RETRY included)."""
-        results = ResultReader(self.app.backend).read([task_id])
-        return mark_orphans(results, LiveWorkers(self.store))[0]
+        try:
+            results = ResultReader(self.app.backend).read([task_id])
+            return mark_orphans(results, LiveWorkers(self.store))[0]
+        except connection_errors() as exc:
+            raise backend_unreachable(self.app, exc) from None
 
     def wait(self, task_id: str, *, timeout_s: float | None = None) -> TaskResult:
         """Block until the task is final or ``timeout_s`` passes.
@@ -388,9 +394,17 @@ class RactoCeleryWorker:
         pending = list(dict.fromkeys(task_ids))
         checked_at = time.monotonic()
 
+        def read() -> list[TaskResult]:
+            return mark_orphans(reader.read(pending), workers)
+
         def look() -> list[str]:
             nonlocal pending, checked_at
-            for result in mark_orphans(reader.read(pending), workers):
+            try:
+                # A backend restarting (or failing over) is waited for, a while; then it is an error.
+                fresh = retrying(read, budget_s=WAIT_RECONNECT_BUDGET_S)
+            except connection_errors() as exc:
+                raise backend_unreachable(self.app, exc) from None
+            for result in fresh:
                 results[result.task_id] = result
             finished = [task_id for task_id in pending if results[task_id].status.is_final]
             reader.forget(finished)
@@ -527,7 +541,13 @@ def _install_worker_hooks(app: Celery) -> None:
         while keepers:
             keepers.pop().stop()
 
+    def redact_logs(sender: Any = None, logger: Any = None, **_: Any) -> None:
+        # Celery's handlers print task errors, kombu's and the SDKs' warnings: none may show a key.
+        install_log_redaction(logger)
+
     signals.celeryd_after_setup.connect(consume_queues, weak=False)
+    signals.after_setup_logger.connect(redact_logs, weak=False)
+    signals.after_setup_task_logger.connect(redact_logs, weak=False)
     signals.worker_ready.connect(start_keeper, weak=False)
     signals.worker_shutting_down.connect(stop_keepers, weak=False)
     signals.worker_shutdown.connect(stop_keepers, weak=False)

@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 from celery import Celery
 
-from racto_nb.config import BROKER_ANSWER_TIMEOUT_S, env_name, is_embedded_url, mask_url
+from racto_nb.config import BROKER_ANSWER_TIMEOUT_S, is_embedded_url
+from racto_nb.engine.store import broker_unreachable_message
 from racto_nb.errors import BrokerUnreachable
 
 __all__ = [
@@ -62,15 +63,6 @@ def connect_once(app: Celery) -> float:
         conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, interval_max=0)
         conn.default_channel  # noqa: B018 - opening a channel is the real round trip on Redis
     return time.perf_counter() - started
-
-
-def broker_unreachable_message(url: str | None, reason: str) -> str:
-    """What went wrong and how to fix it, with the URL's password masked."""
-    return (
-        f"cannot reach the broker at {mask_url(url)}: {reason.rstrip('.')}. Start it (Redis: `redis-server`, or "
-        "`redis-server --daemonize yes`), or pass another URL: racto_nb.connect('redis://HOST:6379/0'). "
-        f"To run without a broker, unset {env_name('broker_url')} and call racto_nb.connect()"
-    )
 
 
 def check_broker(app: Celery, timeout_s: float = BROKER_ANSWER_TIMEOUT_S) -> float:

@@ -11,6 +11,7 @@ from racto_nb.config import DEFAULT_CALL_TIMEOUT_S
 from racto_nb.errors import InvalidArgument
 from racto_nb.kits.base import chat_messages
 from racto_nb.models import ChatConfig, ChatResponse
+from racto_nb.redact import checked_key
 
 if TYPE_CHECKING:
     import openai
@@ -60,6 +61,10 @@ class OpenAIKit:
         self.system_prompt = system_prompt
         self.timeout_s = timeout_s
         self.api_key_env = api_key_env
+        # A broken key fails here, at once and without being shown, not as a retried connection error.
+        api_key = checked_key(api_key, "api_key=") if api_key is not None else None
+        if api_key is None and os.environ.get(api_key_env) is not None:
+            checked_key(os.environ[api_key_env], api_key_env)
         self._api_key = api_key
         self._api_key_sha256 = hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
         self._client: openai.OpenAI | None = None
@@ -93,7 +98,9 @@ class OpenAIKit:
     def _build_client(self) -> openai.OpenAI:
         import openai
 
-        key = self._api_key or os.environ.get(self.api_key_env)
+        key = self._api_key
+        if key is None and os.environ.get(self.api_key_env) is not None:
+            key = checked_key(os.environ[self.api_key_env], self.api_key_env)  # read where the call is made
         if not key:
             if not self.base_url:
                 raise openai.OpenAIError(
