@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from datetime import date
 from pathlib import Path
 
 import pandas as pd
@@ -45,20 +44,11 @@ from racto_nb.models import ChatConfig
 from racto_nb.testing import FakeOpenAIServer, RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench._machine import machine  # noqa: E402
+
 RESULTS = REPO / "bench" / "results" / "costs.md"
 LOOKUP_CHUNK = 1_000
-
-
-def machine() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor() or "unknown CPU",
-    )
-    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {date.today().isoformat()}"
 
 
 def windows(arrivals: Sequence[float], width: float) -> int:

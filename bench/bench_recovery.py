@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -46,20 +45,11 @@ from racto_nb.notebook.runs import BatchRun
 from racto_nb.testing import FakeOpenAIServer, RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench._machine import machine  # noqa: E402
+
 RESULTS = REPO / "bench" / "results" / "recovery.md"
 KEY = "sk-bench-recovery-0000"
-
-
-def machine() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor() or "unknown CPU",
-    )
-    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
 
 
 def until(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> float:
@@ -191,7 +181,7 @@ def render(kill: dict[str, Any] | None, restarts: list[tuple[str, dict[str, Any]
     lines = [
         "# Recovery after a worker kill and a broker restart",
         "",
-        f"Machine: {machine()}, {date.today().isoformat()}.",
+        f"Machine: {machine()}.",
         "",
         f"Command: `python bench/bench_recovery.py` (rows {args.rows}, model latency {args.latency} s). "
         "Workers are `celery -A racto_nb.app worker --pool threads` with racto_nb's defaults "

@@ -38,6 +38,28 @@ def sent_messages(server: FakeOpenAIServer, case: str) -> list[str]:
     return texts
 
 
+def stored_values(server: RedisServer) -> Iterator[tuple[bytes, bytes]]:
+    """``(key, value)`` for every value in ``server``: strings, list items, hash values, stream entries."""
+    client = server.client()
+    try:
+        for key in client.scan_iter(count=1000):
+            kind = client.type(key)
+            if kind == b"string":
+                values = [client.get(key) or b""]
+            elif kind == b"list":
+                values = client.lrange(key, 0, -1)
+            elif kind == b"hash":
+                values = list(client.hgetall(key).values())
+            elif kind == b"stream":
+                values = [str(entry).encode() for entry in client.xrange(key)]
+            else:
+                values = []
+            for value in values:
+                yield key, value
+    finally:
+        client.close()
+
+
 def task_meta_channels(redis_server: RedisServer) -> list[bytes]:
     """Pub/sub channels of result keys: one would mean a per-task subscription was left behind."""
     client = redis_server.client()

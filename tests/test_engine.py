@@ -19,14 +19,13 @@ from racto_nb.fleet.processes import WorkerProcess
 from racto_nb.kits import OpenAIKit
 from racto_nb.models import ChatConfig
 from racto_nb.testing import FakeOpenAIServer, RedisServer
+from tests.batch_support import stored_values
 from tests.conftest import WORKER_API_KEY
 
 pytestmark = pytest.mark.usefixtures("engine_worker")
 
 
-def poll_until(
-    worker: RactoCeleryWorker, task_id: str, wanted: TaskStatus, timeout_s: float = 10
-) -> TaskResult:
+def poll_until(worker: RactoCeleryWorker, task_id: str, wanted: TaskStatus, timeout_s: float = 10) -> TaskResult:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         result = worker.get_result(task_id)
@@ -39,9 +38,7 @@ def poll_until(
 # ---------------------------------------------------------------- generate
 
 
-def test_generate_returns_json_response(
-    openai_app: Any, fake_openai: FakeOpenAIServer, unique_case: str
-) -> None:
+def test_generate_returns_json_response(openai_app: Any, fake_openai: FakeOpenAIServer, unique_case: str) -> None:
     handle = openai_app.worker.generate(f"hello [case:{unique_case}]", temperature=0.3, max_tokens=50)
     result = openai_app.worker.wait(handle.id, timeout_s=10)
 
@@ -57,15 +54,11 @@ def test_generate_returns_json_response(
 
 
 def test_json_content_is_parsed(openai_app: Any, unique_case: str) -> None:
-    result = openai_app.worker.wait(
-        openai_app.worker.generate(f"[json] [case:{unique_case}]").id, timeout_s=10
-    )
+    result = openai_app.worker.wait(openai_app.worker.generate(f"[json] [case:{unique_case}]").id, timeout_s=10)
     assert result.result["parsed"] == {"echo": f"[json] [case:{unique_case}]"}
 
 
-def test_history_and_extra_reach_the_provider(
-    openai_app: Any, fake_openai: FakeOpenAIServer, unique_case: str
-) -> None:
+def test_history_and_extra_reach_the_provider(openai_app: Any, fake_openai: FakeOpenAIServer, unique_case: str) -> None:
     history = [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "reply"}]
     handle = openai_app.worker.generate(f"now [case:{unique_case}]", history=history, extra={"top_p": 0.5})
     assert openai_app.worker.wait(handle.id, timeout_s=10).ok
@@ -116,14 +109,10 @@ def test_transient_errors_cost_exactly_min_n_max_retries_plus_one(
         assert result.ok
     else:
         assert result.status is TaskStatus.FAILURE and result.status_code == 500
-        assert result.error_type == "InternalServerError" and "gave up after 4 attempts" in (
-            result.error or ""
-        )
+        assert result.error_type == "InternalServerError" and "gave up after 4 attempts" in (result.error or "")
 
 
-def test_backoff_schedule_is_followed(
-    openai_app: Any, fake_openai: FakeOpenAIServer, unique_case: str
-) -> None:
+def test_backoff_schedule_is_followed(openai_app: Any, fake_openai: FakeOpenAIServer, unique_case: str) -> None:
     fake_openai.script(unique_case, ["503", "502", "504"])
     assert openai_app.worker.wait(openai_app.worker.generate(f"x [case:{unique_case}]").id, timeout_s=20).ok
     times = [r.arrived_at for r in fake_openai.requests(unique_case)]
@@ -140,9 +129,7 @@ def test_retry_after_is_honoured(openai_app: Any, fake_openai: FakeOpenAIServer,
     assert second - first >= 1.45  # the backoff alone would have waited 0.2 s
 
 
-def test_retry_after_is_capped_at_max_delay(
-    openai_app: Any, fake_openai: FakeOpenAIServer, unique_case: str
-) -> None:
+def test_retry_after_is_capped_at_max_delay(openai_app: Any, fake_openai: FakeOpenAIServer, unique_case: str) -> None:
     fake_openai.script(unique_case, ["503:600"])
     assert openai_app.worker.wait(openai_app.worker.generate(f"x [case:{unique_case}]").id, timeout_s=20).ok
     first, second = (r.arrived_at for r in fake_openai.requests(unique_case))
@@ -159,9 +146,7 @@ def test_timeouts_are_retried(openai_app: Any, fake_openai: FakeOpenAIServer, un
 # ---------------------------------------------------------------- states and waiting
 
 
-def test_started_and_retry_are_reported(
-    openai_app: Any, fake_openai: FakeOpenAIServer, unique_case: str
-) -> None:
+def test_started_and_retry_are_reported(openai_app: Any, fake_openai: FakeOpenAIServer, unique_case: str) -> None:
     fake_openai.script(unique_case, ["500"], latency_s=0.5)
     handle = openai_app.worker.generate(f"x [case:{unique_case}]")
 
@@ -176,9 +161,7 @@ def test_started_and_retry_are_reported(
     assert openai_app.worker.wait(handle.id, timeout_s=10).ok
 
 
-def test_wait_timeout_keeps_the_real_status(
-    openai_app: Any, fake_openai: FakeOpenAIServer, unique_case: str
-) -> None:
+def test_wait_timeout_keeps_the_real_status(openai_app: Any, fake_openai: FakeOpenAIServer, unique_case: str) -> None:
     fake_openai.script(unique_case, [], latency_s=1.5)  # under the kit's 2 s HTTP timeout
     handle = openai_app.worker.generate(f"x [case:{unique_case}]")
     poll_until(openai_app.worker, handle.id, TaskStatus.STARTED)
@@ -201,13 +184,9 @@ def test_wait_on_an_unknown_id_is_pending_not_failure(openai_app: Any) -> None:
 # ---------------------------------------------------------------- batches
 
 
-def test_one_failure_never_hides_the_others(
-    openai_app: Any, fake_openai: FakeOpenAIServer, unique_case: str
-) -> None:
+def test_one_failure_never_hides_the_others(openai_app: Any, fake_openai: FakeOpenAIServer, unique_case: str) -> None:
     fake_openai.script(f"{unique_case}-7", ["401"])
-    items = [
-        BatchItem(user_message=f"row {i} [case:{unique_case}-{i}]", custom_id=f"id-{i}") for i in range(20)
-    ]
+    items = [BatchItem(user_message=f"row {i} [case:{unique_case}-{i}]", custom_id=f"id-{i}") for i in range(20)]
     group = openai_app.worker.parallel_batch(items)
     results = openai_app.worker.wait_parallel(group, timeout_s=20)
 
@@ -260,9 +239,7 @@ def test_a_bad_item_enqueues_nothing(openai_app: Any, redis_server: RedisServer)
     assert redis_server.client().llen("celery") == queue_length
 
 
-def test_batch_leaves_no_pubsub_subscription(
-    openai_app: Any, redis_server: RedisServer, unique_case: str
-) -> None:
+def test_batch_leaves_no_pubsub_subscription(openai_app: Any, redis_server: RedisServer, unique_case: str) -> None:
     group = openai_app.worker.parallel_batch([f"{i} [case:{unique_case}]" for i in range(50)])
     assert all(r.ok for r in openai_app.worker.wait_parallel(group, timeout_s=10))
     assert redis_server.client().pubsub_channels("celery-task-meta-*") == []
@@ -302,9 +279,7 @@ def test_ingest_document_with_ractorag(
 ) -> None:
     document = tmp_path / "notes.txt"
     document.write_text(f"Celery runs tasks. [case:{unique_case}]\n\nRedis stores results.\n")
-    result = openai_app.worker.wait(
-        openai_app.worker.ingest_document(str(document), source="t").id, timeout_s=15
-    )
+    result = openai_app.worker.wait(openai_app.worker.ingest_document(str(document), source="t").id, timeout_s=15)
 
     assert result.ok, result.error
     assert isinstance(result.result, list) and result.result
@@ -320,23 +295,11 @@ def test_ingest_without_rag_fails_at_once() -> None:
         worker.ingest_document("notes.txt")
 
 
-def test_no_secret_in_the_broker_or_backend(
-    openai_app: Any, redis_server: RedisServer, unique_case: str
-) -> None:
+def test_no_secret_in_the_broker_or_backend(openai_app: Any, redis_server: RedisServer, unique_case: str) -> None:
     group = openai_app.worker.parallel_batch([f"{i} [case:{unique_case}]" for i in range(5)])
     openai_app.worker.wait_parallel(group, timeout_s=10)
-    client = redis_server.client()
-    for key in client.scan_iter(count=1000):
-        kind = client.type(key)
-        if kind == b"string":
-            values = [client.get(key) or b""]
-        elif kind == b"list":
-            values = client.lrange(key, 0, -1)
-        elif kind == b"hash":
-            values = list(client.hgetall(key).values())
-        else:
-            values = []
-        assert all(WORKER_API_KEY.encode() not in value for value in values), key
+    for key, value in stored_values(redis_server):
+        assert WORKER_API_KEY.encode() not in value, key
 
 
 # ---------------------------------------------------------------- crashes and other brokers

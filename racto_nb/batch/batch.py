@@ -223,6 +223,8 @@ class Batch:
         self._finished_at: float | None = None
         self._workers = LiveWorkers(self.store)
         self._orphans = 0
+        #: Rows whose worker died (position -> its node name), until a live worker takes them.
+        self._lost_to: dict[int, str] = {}
         self._last: dict[str, float] = {"orphans": 0.0, "vanished": time.monotonic(), "manifest": time.monotonic()}
         self._backend_down_until = 0.0
         self._outage = 0
@@ -1000,7 +1002,8 @@ class Batch:
             return
         running = np.flatnonzero(self.status == STARTED)[:5_000].tolist()
         if not running:
-            self._orphans = 0
+            self._lost_to = {p: h for p, h in self._lost_to.items() if self.status[p] == RETRY}
+            self._orphans = len(self._lost_to)
             return
         ids = [row_id(self.batch_id, p, int(self.round_of[p])) for p in running]
         raws = self.store.mget([meta_key(self.backend, task_id) for task_id in ids])
@@ -1011,10 +1014,12 @@ class Batch:
             if (meta or {}).get("status") == states.STARTED and isinstance(value, dict) and value.get("hostname"):
                 hosts[position] = str(value["hostname"])
         alive = self._workers.alive(list(hosts.values()))
-        lost = [p for p, host in hosts.items() if host not in alive]
+        lost = {p: host for p, host in hosts.items() if host not in alive}
         for position in lost:
             self._set(position, RETRY)
-        self._orphans = len(lost)
+        # Rows marked before stay marked until a live worker takes them (their state moves on).
+        self._lost_to = {p: h for p, h in self._lost_to.items() if self.status[p] == RETRY} | lost
+        self._orphans = len(self._lost_to)
 
     def _resend_vanished(self) -> None:
         """Send again, with the same id, chunks that left no trace (see :mod:`racto_nb.engine.recovery`)."""
@@ -1156,6 +1161,7 @@ class Batch:
         with self._lock:
             status = self.status.copy()
             rounds = self.round_of.copy()
+            lost_to = dict(self._lost_to)
         n = len(status)
         table = self.checkpoint.results()
         every = table.to_pandas(types_mapper=_types)
@@ -1172,6 +1178,12 @@ class Batch:
             ]
             frame.loc[open_, "task_id"] = [row_id(self.batch_id, int(p), int(rounds[p])) for p in open_]
             frame.loc[open_, "attempts"] = 0
+            lost = [p for p in lost_to if status[p] == RETRY]
+            if lost:
+                frame.loc[lost, "error_type"] = "WorkerLost"
+                frame.loc[lost, "error"] = [
+                    f"its worker {lost_to[p]} stopped answering; it runs again on a live worker" for p in lost
+                ]
         skipped = np.flatnonzero(status == SKIPPED)
         if len(skipped):
             reasons = self.checkpoint.reasons() if self.checkpoint.inputs_complete() else None
