@@ -134,6 +134,11 @@ PUBLISH_BUDGET_S = 60.0
 #: Event entries read per refresh, and rows confirmed per refresh (the rest: next refresh).
 EVENTS_PER_REFRESH = 500
 CONFIRMS_PER_REFRESH = 2_000
+#: One look confirms finished rows for about this long; the rest wait for the next look, which comes at once.
+LOOK_BUDGET_S = 0.008
+CONFIRM_SLICE = 200
+#: The flusher thread ends after this long with nothing to write (the next result starts it again).
+FLUSHER_IDLE_S = 5.0
 #: Final rows are written to the checkpoint this often, or when this many are waiting.
 FLUSH_EVERY_S = 2.0
 FLUSH_ROWS = 5_000
@@ -227,6 +232,11 @@ class Batch:
         self._lost_to: dict[int, str] = {}
         self._last: dict[str, float] = {"orphans": 0.0, "vanished": time.monotonic(), "manifest": time.monotonic()}
         self._backend_down_until = 0.0
+        #: The last look left events or finished rows unread: the next one should come at once.
+        self.behind = False
+        self._flush_lock = threading.Lock()
+        self._flush_due = threading.Event()
+        self._flusher: threading.Thread | None = None
         self._outage = 0
         self._rows: Rows | None = None
         self._spooled = threading.Event()
@@ -835,7 +845,10 @@ class Batch:
         the next refresh tries again after a growing pause; when it answers
         again having lost the batch, the unfinished rows are sent again.
         """
-        with self._lock:
+        if not self._lock.acquire(blocking=False):
+            with self._lock:  # another thread is looking right now: its look is this one's
+                return self._progress()
+        try:
             if time.monotonic() >= self._backend_down_until:
                 try:
                     self._read_changes()
@@ -850,6 +863,8 @@ class Batch:
                         f"(attempt {self._outage}, next in {pause:.1f} s); the batch keeps its rows"
                     )
             return self._progress()
+        finally:
+            self._lock.release()
 
     def _read_changes(self) -> None:
         stream = events_key(self.batch_id)
@@ -858,6 +873,7 @@ class Batch:
             if first is not None and _stream_id(first) > _stream_id(self._cursor):
                 self._rescan()  # the stream was trimmed past us: what we missed is read from the rows
         entries = self.store.read(stream, self._cursor, EVENTS_PER_REFRESH)
+        look_began = time.perf_counter()
         paused_seen = False
         for entry_id, entry in entries:
             self._cursor = entry_id
@@ -872,7 +888,8 @@ class Batch:
                     self._to_confirm.add(position)  # a final state is read from the row itself
                 else:
                     self._set(position, new)
-        self._confirm()
+        self._confirm(look_began + LOOK_BUDGET_S)
+        self.behind = bool(self._to_confirm) or len(entries) >= EVENTS_PER_REFRESH
         now = time.monotonic()
         if now - self._last["orphans"] >= ORPHANS_EVERY_S:
             self._last["orphans"] = now
@@ -885,15 +902,19 @@ class Batch:
             self._follow_manifest()
             self._read_pause()
         if self._buffer and (len(self._buffer) >= FLUSH_ROWS or now - self._flushed_at >= FLUSH_EVERY_S):
-            self.flush()
+            self._flush_soon()
 
-    def _confirm(self) -> None:
-        """Read the rows whose events said they moved to (or from) a final state, and record the truth."""
-        positions = sorted(self._to_confirm)[:CONFIRMS_PER_REFRESH]
-        if not positions:
-            return
-        self._to_confirm.difference_update(positions)
-        self._apply_metas(positions)
+    def _confirm(self, until: float) -> None:
+        """Read the rows whose events said they moved to (or from) a final state, and record the truth.
+
+        In slices, until ``until`` (``perf_counter``): a look stays short however
+        many rows just finished, and :attr:`behind` tells the poll loop to look
+        again at once for the rest.
+        """
+        while self._to_confirm and time.perf_counter() < until:
+            positions = sorted(self._to_confirm)[:CONFIRM_SLICE]
+            self._to_confirm.difference_update(positions)
+            self._apply_metas(positions)
 
     def _apply_metas(self, positions: Sequence[int]) -> None:
         ids = [row_id(self.batch_id, p, int(self.round_of[p])) for p in positions]
@@ -980,19 +1001,33 @@ class Batch:
 
     def flush(self) -> None:
         """Write the final rows collected so far to the checkpoint; their backend keys then expire soon."""
-        with self._lock:
-            rows, self._buffer = self._buffer, []
-            self._flushed_at = time.monotonic()
-        if not rows:
-            return
-        self.checkpoint.append_results(rows)
-        try:
-            with self.store.batch() as batch:
-                for row in rows:
-                    if row["task_id"]:
-                        batch.expire(meta_key(self.backend, row["task_id"]), COLLECTED_TTL_S)
-        except connection_errors():
-            pass  # they expire with result_expires anyway
+        with self._flush_lock:  # one flush at a time: the checkpoint's files keep the order rows were final in
+            with self._lock:
+                rows, self._buffer = self._buffer, []
+                self._flushed_at = time.monotonic()
+            if not rows:
+                return
+            self.checkpoint.append_results(rows)
+            try:
+                with self.store.batch() as batch:
+                    for row in rows:
+                        if row["task_id"]:
+                            batch.expire(meta_key(self.backend, row["task_id"]), COLLECTED_TTL_S)
+            except connection_errors():
+                pass  # they expire with result_expires anyway
+
+    def _flush_soon(self) -> None:
+        """Have the flusher thread write the buffer, so no refresh waits for a Parquet file."""
+        self._flushed_at = time.monotonic()
+        self._flush_due.set()
+        if self._flusher is None or not self._flusher.is_alive():
+            self._flusher = threading.Thread(target=self._flush_loop, name=f"racto-flush-{self.batch_id}", daemon=True)
+            self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        while self._flush_due.wait(FLUSHER_IDLE_S):
+            self._flush_due.clear()
+            self.flush()
 
     # ------------------------------------------------------------------ recovery
 
@@ -1144,7 +1179,14 @@ class Batch:
                 on_progress(progress)
             return progress
 
-        progress, _ = poll(look, lambda p: p.settled, timeout_s=timeout_s, stop=stop, max_pause_s=interval_s)
+        progress, _ = poll(
+            look,
+            lambda p: p.settled,
+            timeout_s=timeout_s,
+            stop=stop,
+            max_pause_s=interval_s,
+            hurry=lambda _: self.behind,
+        )
         if progress.finished:
             self.flush()
         return progress

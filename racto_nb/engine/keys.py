@@ -82,6 +82,11 @@ def lease_key(chunk_task: str) -> str:
     return f"{PREFIX}lease:{chunk_task}"
 
 
+def chunk_runs_key(chunk_task: str) -> str:
+    """How many runners have taken a chunk's lease: its unfinished rows were handed to that many workers."""
+    return f"{PREFIX}runs:{chunk_task}"
+
+
 def worker_key(hostname: str) -> str:
     """A worker process's heartbeat: present while it lives (a few seconds' expiry, refreshed)."""
     return f"{PREFIX}worker:{hostname}"

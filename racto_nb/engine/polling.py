@@ -40,12 +40,15 @@ def poll(
     first_pause_s: float = 0.005,
     max_pause_s: float = 0.25,
     cost_factor: float = 3.0,
+    hurry: Callable[[T], bool] | None = None,
 ) -> tuple[T, PollEnd]:
     """Call ``look()`` until ``done(value)``, ``timeout_s`` passes or ``stop`` is set.
 
     Returns the last value looked at and why the loop ended. The first look
     happens at once, and one last look is always the one returned, so a
-    caller never acts on a stale value.
+    caller never acts on a stale value. ``hurry(value)`` true means the look
+    left work for the next one (a backlog of finished rows): the pause starts
+    over from ``first_pause_s``.
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     pause = first_pause_s
@@ -58,6 +61,8 @@ def poll(
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             return value, "timeout"
+        if hurry is not None and hurry(value):
+            pause = first_pause_s
         wait = max(pause, cost_factor * cost)
         if remaining is not None:
             wait = min(wait, remaining)

@@ -16,9 +16,17 @@ message arrives twice):
   was in flight when its worker died: it runs again, counted in
   ``deliveries``, and fails as ``WorkerLost`` once that passes
   ``max_redeliveries`` (a row that kills its worker would loop forever).
-* **States are written before the call** (STARTED) and after it, with retries
-  while the backend is restarting; final results go out in one round trip
-  for several rows.
+* **States are written around the call**, with retries while the backend is
+  restarting; final results go out in one round trip for several rows.
+  STARTED is written before the call when the chunk ran before (a worker
+  died in it: each row must be counted before it can kill another), and
+  otherwise only once the call outlives 50 ms (:mod:`racto_nb.engine.start_marks`),
+  so a fast model pays no round trip per row for it.
+* **Deliveries are counted per chunk run.** Each runner that takes the lease
+  counts itself (``racto:runs:<chunk>``); a row not final when it starts was
+  handed to that many workers, and its ``deliveries`` says so, whether or not
+  the dead one had stored its STARTED. So a call that may have been paid for
+  twice always shows ``deliveries >= 2``.
 """
 
 from __future__ import annotations
@@ -38,8 +46,9 @@ from racto_nb.costs.governor import hold_from_headers
 from racto_nb.engine import keepalive
 from racto_nb.engine.chunks import ChunkPayload, RowSpec
 from racto_nb.engine.classify import classify
-from racto_nb.engine.keys import events_key, lease_key, pause_key
+from racto_nb.engine.keys import chunk_runs_key, events_key, lease_key, pause_key
 from racto_nb.engine.results import encode_meta, envelope, meta_key
+from racto_nb.engine.start_marks import start_marks
 from racto_nb.engine.store import Store, retrying, store_for
 from racto_nb.errors import RetryScheduled, TaskFailed
 from racto_nb.kits.base import run_chat
@@ -58,6 +67,8 @@ WRITE_BUDGET_S = 600.0
 #: Final rows are written together, at least this often.
 FLUSH_EVERY_S = 0.05
 FLUSH_ROWS = 32
+#: A deferred STARTED write gives up this soon (the row's result is written either way).
+START_MARK_BUDGET_S = 2.0
 #: A cancel flag is looked at no more often than this.
 FLAG_EVERY_S = 0.5
 #: Stream entries a batch's event stream keeps (a follower that falls further behind rescans).
@@ -114,6 +125,10 @@ class ChunkRunner:
         self.token = uuid4().hex
         self.lease = lease_key(self.chunk)
         self.lost_lease = False
+        #: Redelivered (its worker died, or the broker restored it): every row's STARTED is stored before its call.
+        self.eager_start = bool((task.request.delivery_info or {}).get("redelivered"))
+        #: Runners (this one included) that took this chunk's lease.
+        self.runs = 1
         self._writes: list[_Write] = []
         self._flushed_at = time.monotonic()
         self._flags_at = 0.0
@@ -153,11 +168,16 @@ class ChunkRunner:
             )
             if taken:
                 keepalive.watch(self)
+                self.runs = retrying(self._count_run, budget_s=WRITE_BUDGET_S)
                 return True
             # Another runner holds it: wait for it to finish the rows, or for its lease to lapse (it died).
             if time.monotonic() >= give_up or not self._unfinished():
                 return False
             time.sleep(1.0)
+
+    def _count_run(self) -> int:
+        """This runner is one more that took the chunk: the count lives as long as the rows' results."""
+        return self.store.incr(chunk_runs_key(self.chunk), ttl_s=max(self._expires or 0.0, 24 * 3600.0))
 
     def _unfinished(self) -> list[int]:
         keys = [meta_key(self.backend, row["id"]) for row in self.payload["rows"]]
@@ -170,6 +190,8 @@ class ChunkRunner:
         raws = retrying(lambda: self.store.mget(keys), budget_s=WRITE_BUDGET_S)
         rows: list[_Row] = []
         limit = self.worker.max_redeliveries + 1
+        # A row with a stored state means the chunk ran before, whatever the broker says.
+        self.eager_start = self.eager_start or self.runs > 1 or any(raw is not None for raw in raws)
         for seq, (spec, key, raw) in enumerate(zip(specs, keys, raws, strict=True)):
             meta = None if raw is None else self.backend.decode_result(raw)
             if meta is not None and _final(meta):
@@ -185,6 +207,9 @@ class ChunkRunner:
                     continue
             elif status == states.RETRY and isinstance(value, RetryScheduled):
                 row.attempts, row.due = value.attempts, value.retry_at
+            elif meta is None:
+                # Never marked STARTED: a dead runner may still have called it (within the 50 ms grace).
+                row.deliveries = self.runs
             rows.append(row)
         return rows
 
@@ -298,13 +323,15 @@ class ChunkRunner:
                 self._pause("the batch reached its max_cost_usd; raise it and resume: run.resume(max_cost_usd=...)")
                 return "stopped"
         with self._kit_slot():
-            info = {"attempt": attempt, "deliveries": row.deliveries, "hostname": self.hostname}
-            self._write_now(row, states.STARTED, encode_meta(self.backend, row.spec["id"], states.STARTED, info))
+            mark = self._mark_started(row, attempt)
             started = time.perf_counter()
             try:
                 output = self._work(row)
             except Exception as exc:
                 error = exc
+            finally:
+                if mark is not None:
+                    start_marks.disarm(mark)  # before any later state of the row is written
             latency = round(time.perf_counter() - started, 6)
         spec = row.spec
         usage = output.get("usage") if isinstance(output, dict) else None
@@ -338,6 +365,15 @@ class ChunkRunner:
         failure = TaskFailed(f"{what} ({why})", verdict.error_type, verdict.status_code, attempt, row.history)
         self._buffer(row, states.FAILURE, failure)
         return "done"
+
+    def _mark_started(self, row: _Row, attempt: int) -> int | None:
+        """Store the row's STARTED state now (chunk ran before) or once the call outlives the grace; the mark."""
+        info = {"attempt": attempt, "deliveries": row.deliveries, "hostname": self.hostname}
+        value = encode_meta(self.backend, row.spec["id"], states.STARTED, info)
+        if self.eager_start:
+            self._write_now(row, states.STARTED, value)
+            return None
+        return start_marks.arm(lambda: self._send([_Write(row, states.STARTED, value)], START_MARK_BUDGET_S))
 
     def _wait_for_governor(self, tokens: int) -> bool:
         """Wait until the fleet's bucket grants the call; ``False`` if the batch was cancelled or paused meanwhile."""
@@ -433,7 +469,7 @@ class ChunkRunner:
         if ledger is not None:
             retrying(lambda: ledger.put_many(remember), budget_s=WRITE_BUDGET_S)
 
-    def _send(self, writes: list[_Write]) -> None:
+    def _send(self, writes: list[_Write], budget_s: float = WRITE_BUDGET_S) -> None:
         events = events_key(self.payload["batch"]) if self.payload["events"] else None
 
         def send() -> None:
@@ -448,7 +484,7 @@ class ChunkRunner:
                     if self._expires:
                         batch.expire(events, self._expires)
 
-        retrying(send, budget_s=WRITE_BUDGET_S)
+        retrying(send, budget_s=budget_s)
 
 
 def _final(meta: dict[str, Any]) -> bool:

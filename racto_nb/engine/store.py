@@ -63,6 +63,9 @@ class Store(Protocol):
 
     def delete(self, *keys: str) -> None: ...
 
+    def incr(self, key: str, *, ttl_s: float) -> int:
+        """Add one to the counter at ``key`` (which lives ``ttl_s`` from now) and return it."""
+
     def exists(self, key: str) -> bool: ...
 
     def hgetall(self, key: str) -> dict[str, str]: ...
@@ -220,6 +223,13 @@ class RedisStore:
         if keys:
             self.client.delete(*keys)
 
+    def incr(self, key: str, *, ttl_s: float) -> int:
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.pexpire(key, int(ttl_s * 1000))
+            count, _ = pipe.execute()
+        return int(count)
+
     def exists(self, key: str) -> bool:
         return bool(self.client.exists(key))
 
@@ -318,6 +328,12 @@ class MemoryStore:
             for key in keys:
                 self._data.pop(key.encode(), None)
                 self._expiry.pop(key.encode(), None)
+
+    def incr(self, key: str, *, ttl_s: float) -> int:
+        with self._lock:
+            count = int(self._data.get(key.encode()) or 0) + 1 if self._live(key.encode()) else 1
+            self._put(key, str(count).encode(), ttl_s)
+            return count
 
     def exists(self, key: str) -> bool:
         with self._lock:

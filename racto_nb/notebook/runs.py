@@ -302,6 +302,17 @@ class BatchRun:
             )
         return self._frame
 
+    def refresh(self) -> BatchProgress:
+        """Look once at the batch and return its progress (counts per state), watched or not.
+
+        The look reads what changed since the last one (the batch's event
+        stream), so it costs the same with ten rows or a million outstanding.
+        """
+        if self.done.is_set() and self._last is not None:
+            return self._last
+        self._last = self.batch.refresh()
+        return self._last
+
     def frame(self) -> pd.DataFrame:
         """The rows as they are now (refreshed first), finished or not."""
         if not self.done.is_set():

@@ -1,0 +1,1 @@
+"""Worker apps the benchmarks start with ``celery -A bench.apps.<name>:app worker``."""
