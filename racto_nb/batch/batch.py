@@ -53,7 +53,7 @@ from racto_nb.batch.catalog import remember
 from racto_nb.batch.checkpoint import INPUT_PART_ROWS, SKIPPED_STATUS, Checkpoint
 from racto_nb.batch.rows import Rows
 from racto_nb.batch.twins import Twins, request_hashes
-from racto_nb.config import load_config
+from racto_nb.config import DEFAULT_PUBLISH_WINDOW, load_config
 from racto_nb.costs.governor import Budget
 from racto_nb.engine.chunks import ChunkPayload, RowSpec, chunk_spans, rows_per_chunk
 from racto_nb.engine.keys import (
@@ -125,8 +125,6 @@ _STATUS_OF_CODE = {
 _CODE_OF_STATUS = {status: code for code, status in _STATUS_OF_CODE.items()}
 _CODE_OF_EVENT = {"S": STARTED, "R": RETRY, "D": SUCCESS, "F": FAILURE, "V": REVOKED, "P": PAUSED}
 
-#: Rows sent and unfinished at most (``RACTO_PUBLISH_WINDOW``; 0: no limit).
-DEFAULT_WINDOW = 100_000
 #: Messages per publishing round trip.
 PUBLISH_GROUP = 100
 #: How long publishing keeps trying while the broker is down before failing the rows it could not send.
@@ -194,7 +192,7 @@ class Batch:
         self.store: Store = store_for(worker.app.backend)
         self.backend = worker.app.backend
         self.created_at = float(manifest["created_at"])
-        self.window = int(manifest.get("window", DEFAULT_WINDOW))
+        self.window = int(manifest.get("window", DEFAULT_PUBLISH_WINDOW))
         self.size = int(manifest["rows_per_chunk"])
         n = len(index)
         self.status = np.where(skipped, SKIPPED, PENDING).astype(np.int8)
