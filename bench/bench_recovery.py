@@ -109,8 +109,8 @@ def bench_kill(server: FakeOpenAIServer, rows: int, latency_s: float, folder: Pa
 
             def lost_rows() -> list[int]:
                 frame = run.frame()
-                lost = (frame["status"] == "retry") & (frame["error_type"] == "WorkerLost")
-                return [i for i, flag in enumerate(lost) if flag]
+                lost = frame["status"].eq("retry") & frame["error_type"].fillna("").eq("WorkerLost")
+                return [i for i, flag in enumerate(lost.to_numpy(dtype=bool)) if flag]
 
             until(lambda: bool(lost_rows()), 60)
             shown_s = time.monotonic() - killed
@@ -147,15 +147,16 @@ def bench_restart(
             )
             until(lambda: done(run) >= rows // 3, 120)
             before = done(run)
+            port, data_dir = first.port, first._tmpdir
             if persistence:
                 assert first._proc is not None
                 first._proc.send_signal(signal.SIGKILL)
                 first._proc.wait()
                 first._proc = None
-                second = RedisServer(port=first.port, extra_args=(*extra, "--dir", str(first._tmpdir))).start()
+                second = RedisServer(port=port, extra_args=(*extra, "--dir", str(data_dir))).start()
             else:
                 first.stop()
-                second = RedisServer(port=first.port).start()
+                second = RedisServer(port=port).start()
             restarted = time.monotonic()
             until(lambda: done(run) > (before if persistence else 0), 120)
             moving_s = time.monotonic() - restarted
