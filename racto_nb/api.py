@@ -39,7 +39,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, overload
 
 import pandas as pd
-from pydantic import BaseModel
 from typing_extensions import Unpack
 
 from racto_nb.batch.batch import Batch
@@ -57,7 +56,7 @@ from racto_nb.models import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, MAX_TEMPERA
 from racto_nb.notebook.runs import DEFAULT_INTERVAL_S, BatchRun, TaskRun, wait_task
 from racto_nb.notebook.status_line import make_status_line
 from racto_nb.notebook.views import ProgressChoice, ProgressView, StatusView, check_progress, notice
-from racto_nb.structured import OutputSpec, output_spec
+from racto_nb.structured import OutputSpec, SchemaLike, output_spec
 
 if TYPE_CHECKING:
     from racto_nb.engine.worker import RactoCeleryWorker
@@ -133,7 +132,7 @@ class BatchOptions(_FollowOptions, total=False):
     max_cost_usd: float | None
     prompt_column: bool
     choices: list[str] | None
-    schema: type[BaseModel] | dict[str, Any] | None
+    schema: SchemaLike | None
 
 
 class AttachOptions(_FollowOptions, total=False):
@@ -156,7 +155,7 @@ class GenerateOptions(TypedDict, total=False):
     progress: ProgressChoice | StatusView
     on_done: Callable[[TaskResult], object] | None
     choices: list[str] | None
-    schema: type[BaseModel] | dict[str, Any] | None
+    schema: SchemaLike | None
 
 
 # ---------------------------------------------------------------------------- batches
@@ -226,7 +225,7 @@ def _run_batch(
     max_cost_usd: float | None = None,
     prompt_column: bool = True,
     choices: list[str] | None = None,
-    schema: type[BaseModel] | dict[str, Any] | None = None,
+    schema: SchemaLike | None = None,
 ) -> pd.DataFrame | BatchRun:
     _check_options(temperature, max_tokens, timeout_s, progress)
     _check_cost(max_cost_usd)
@@ -413,7 +412,7 @@ def _generate(
     on_done: Callable[[TaskResult], object] | None = None,
     cache: bool = True,
     choices: list[str] | None = None,
-    schema: type[BaseModel] | dict[str, Any] | None = None,
+    schema: SchemaLike | None = None,
 ) -> TaskResult | TaskRun:
     _check_options(temperature, max_tokens, timeout_s, progress)
     if not isinstance(prompt, str) or not prompt.strip():

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from racto_nb.errors import InvalidArgument, SchemaError
 
-__all__ = ["CHOICE_FIELD", "FieldSpec", "OutputSpec", "output_spec"]
+__all__ = ["CHOICE_FIELD", "FieldSpec", "OutputSpec", "SchemaLike", "output_spec"]
 
 #: The one field of a choices reply: ``{"label": "positive"}``, and the column it lands in.
 CHOICE_FIELD = "label"
@@ -233,14 +233,18 @@ class OutputSpec(BaseModel):
         return self.model_dump(mode="json")
 
 
-def output_spec(
-    choices: Sequence[str] | None = None, schema: type[BaseModel] | dict[str, Any] | None = None
-) -> OutputSpec | None:
+#: What ``schema=`` accepts: a pydantic model class, a JSON-schema dict, or a spec built before.
+SchemaLike = type[BaseModel] | dict[str, Any] | OutputSpec
+
+
+def output_spec(choices: Sequence[str] | None = None, schema: SchemaLike | None = None) -> OutputSpec | None:
     """The spec for ``choices=`` or ``schema=`` (``None`` when neither is given); both: a one-line error."""
     if choices is not None and schema is not None:
         raise InvalidArgument("give choices= or schema=, not both (a label is the schema {'label': enum})")
     if choices is not None:
         return OutputSpec.from_choices(choices)
+    if isinstance(schema, OutputSpec):
+        return schema
     if schema is not None:
         return OutputSpec.from_schema(schema)
     return None
