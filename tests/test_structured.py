@@ -33,7 +33,7 @@ from racto_nb.engine.classify import classify
 from racto_nb.engine.spending import Spending, SpendSettings
 from racto_nb.errors import InvalidArgument, RactoError, SchemaError, TaskFailed
 from racto_nb.kits import OpenAIKit
-from racto_nb.models import ChatConfig, ChatResponse, RetryConfig, TaskStatus
+from racto_nb.models import ChatConfig, ChatResponse, RetryConfig
 from racto_nb.structured import OutputSpec, output_spec
 from racto_nb.testing import FakeOpenAIServer
 from racto_nb.testing.openai_server import INVALID_REPLY
@@ -273,9 +273,7 @@ def test_a_schema_gives_one_typed_column_per_field(
     embedded: Any, fake_openai: FakeOpenAIServer, unique_case: str
 ) -> None:
     words = ["one two three negative", "positive a b c d e"]
-    frame = api.run_batch(
-        [f"[case:{unique_case}] {w}" for w in words], schema=Review, progress="none", timeout_s=60
-    )
+    frame = api.run_batch([f"[case:{unique_case}] {w}" for w in words], schema=Review, progress="none", timeout_s=60)
     assert frame["status"].tolist() == ["success", "success"]
     assert frame["label"].tolist() == ["negative", "positive"]
     assert frame["score"].tolist() == [5, 7]  # the fake server answers an integer with the word count
@@ -284,9 +282,10 @@ def test_a_schema_gives_one_typed_column_per_field(
     assert str(frame["place.city"].dtype) == "string" and frame["place.city"].tolist()[0].endswith(words[0])
     assert frame["out.status"].tolist()[0].endswith(words[0]) and frame["status"].tolist()[0] == "success"
     sent = _requests(fake_openai, unique_case)[0]["response_format"]
-    assert sent["json_schema"]["name"] == "Review" and sent["json_schema"]["schema"]["properties"]["place"][
-        "additionalProperties"
-    ] is False
+    assert (
+        sent["json_schema"]["name"] == "Review"
+        and sent["json_schema"]["schema"]["properties"]["place"]["additionalProperties"] is False
+    )
 
 
 def test_an_invalid_reply_is_asked_again_then_fails_as_schema_error(
@@ -362,6 +361,62 @@ def test_the_ledger_answers_only_the_same_schema(
     other = api.run_batch(prompts, choices=["positive", "negative"], progress="none", timeout_s=60)
     assert not other["cached"].any()
     assert len(fake_openai.requests(unique_case)) == 6
+
+
+# ---------------------------------------------------------------------------- the magics
+
+
+@pytest.fixture
+def ip(shell: Any, embedded: Any) -> Any:
+    shell.user_ns["Review"] = Review
+    return shell
+
+
+def test_magic_choices_and_schema_give_typed_columns_and_write_back(ip: Any, unique_case: str) -> None:
+    ip.user_ns["df"] = df = pd.DataFrame(
+        {"review": [f"neutral [case:{unique_case}]", f"negative [case:{unique_case}]"]}
+    )
+    ip.run_line_magic("racto_batch", 'df["review"] --choices "positive, negative,neutral" --write-back mood --out r')
+    result = ip.user_ns["r"]
+    assert result["label"].tolist() == ["neutral", "negative"] and str(result["label"].dtype) == "category"
+    assert df["mood"].tolist() == ["neutral", "negative"]
+    ip.run_cell_magic("racto_batch", "df --schema Review --out typed", "Rate: {review}")
+    typed = ip.user_ns["typed"]
+    assert typed["score"].tolist() == [3, 3] and str(typed["score"].dtype) == "Int64"
+    assert {"label", "ratio", "ok", "out.status", "place.city", "place.zip"} <= set(typed.columns)
+
+
+def test_magic_generate_with_a_schema_stores_the_validated_object(ip: Any, unique_case: str) -> None:
+    ip.run_cell_magic("racto_generate", "--schema Review --out review", f"[case:{unique_case}] positive, two")
+    stored = ip.user_ns["review"]
+    assert isinstance(stored, Review) and stored.label == "positive" and stored.score == 3
+    ip.run_cell_magic("racto_generate", "--choices yes,no --out answer", f"[case:{unique_case}] no")
+    assert ip.user_ns["answer"] == "no"
+    ip.run_cell_magic("racto_generate", "--choices yes,no --out answer", f"[case:{unique_case}] [invalid:99] no")
+    assert ip.user_ns["answer"] is None
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('df["review"] --schema Missing', "--schema Missing: no such variable in the notebook"),
+        ('df["review"] --choices ","', "--choices is empty"),
+        ('df["review"] --choices a,,b', "choices must be non-empty strings"),
+        ('df["review"] --choices a,b --schema Review', "give choices= or schema=, not both"),
+        ('df["review"] --schema df', "schema must be a pydantic model class or a JSON-schema dict"),
+        ("--attach x --choices a,b", "drop the expression.*--choices and --schema"),
+    ],
+)
+def test_magic_bad_structured_options_are_one_line_errors_before_anything_is_sent(
+    ip: Any, fake_openai: FakeOpenAIServer, unique_case: str, line: str, message: str
+) -> None:
+    from IPython.core.error import UsageError
+
+    ip.user_ns["df"] = pd.DataFrame({"review": [f"x [case:{unique_case}]"]})
+    with pytest.raises(UsageError, match=message) as caught:
+        ip.run_line_magic("racto_batch", line)
+    assert "\n" not in str(caught.value)
+    assert fake_openai.requests(unique_case) == []
 
 
 # ---------------------------------------------------------------------------- the real local model
