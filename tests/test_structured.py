@@ -37,6 +37,9 @@ from racto_nb.models import ChatConfig, ChatResponse, RetryConfig
 from racto_nb.structured import OutputSpec, output_spec
 from racto_nb.testing import FakeOpenAIServer
 from racto_nb.testing.openai_server import INVALID_REPLY
+from tests.batch_support import worker
+
+__all__ = ["worker"]  # fixture, imported for pytest
 
 LABELS = ["positive", "negative", "neutral"]
 HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None
@@ -307,6 +310,22 @@ def test_an_invalid_reply_is_asked_again_then_fails_as_schema_error(
     assert failed["attempts"] == FAST_RETRY.max_retries + 1 == len(_requests(fake_openai, always))
     assert failed["content"] == INVALID_REPLY and pd.isna(failed["label"])  # the reply stays; no field
     assert "gave up after 3 attempts" in failed["error"] and len(failed["history"]) == 2
+
+
+@pytest.mark.slow
+def test_through_redis_and_a_worker_process_the_failed_reply_survives(
+    worker: Any, fake_openai: FakeOpenAIServer, unique_case: str
+) -> None:
+    """The same across processes: the spec reaches the worker in the message, the failure comes back through
+    Celery's JSON encoding of the stored error with its reply."""
+    prompts = [f"[case:{unique_case}] neutral", f"[case:{unique_case}-bad] [invalid:99] neutral"]
+    frame = api.run_batch(prompts, choices=LABELS, worker=worker, progress="none", timeout_s=60)
+    assert frame["status"].tolist() == ["success", "failure"]
+    assert frame["label"].tolist()[0] == "neutral" and frame["error_type"].tolist()[1] == "SchemaError"
+    assert frame["content"].tolist()[1] == INVALID_REPLY
+    assert frame["attempts"].tolist()[1] == worker.retry_config.max_retries + 1
+    assert frame["completion_tokens"].tolist()[1] == len(INVALID_REPLY.split())  # the failed reply's usage too
+    assert fake_openai.requests(unique_case)[0].body["response_format"]["json_schema"]["strict"] is True
 
 
 class TextKit:
