@@ -5,6 +5,12 @@ message; the pool's size is how many calls a worker process has in flight.
 A row that fails transiently waits for its retry in a small schedule while
 the next rows run, so one ``Retry-After: 30`` never holds the rest back.
 
+With structured output (``opts["output"]``, :mod:`racto_nb.structured`) the
+kit gets the spec on ``config.output`` and every reply is checked after the
+call: a reply that does not fit is a retryable ``SchemaError``, asked again at
+once with the prompt saying what was wrong, and a row that never fits fails
+with its last reply kept in the stored error.
+
 What makes a chunk safe to run again (after a worker died, or when the same
 message arrives twice):
 
