@@ -90,7 +90,7 @@ def _with_suggestion(message: str, options: list[str]) -> str:
         return message
     word = found.group(1)
     if not word.startswith("-"):
-        return f'unexpected word {word!r}: quote a value that has spaces (--template "Classify: {{review}}")'
+        return f"unexpected word {word!r}: quote a value that has spaces (--template \"Classify: {{review}}\")"
     close = difflib.get_close_matches(word.split("=", 1)[0], options, n=1, cutoff=0.6)
     longs = ", ".join(o for o in options if o.startswith("--"))
     hint = f"; did you mean {close[0]}?" if close else f"; the options are {longs} (and --help)"
