@@ -90,21 +90,6 @@ class LocalModelCrashed(RactoError, RuntimeError):
         self.stderr_tail = stderr_tail
 
 
-class SchemaError(RactoError, ValueError):
-    """A reply is not what the batch's ``choices`` or ``schema`` asked for.
-
-    Raised in the worker after the call, by :mod:`racto_nb.structured`: it is
-    retryable (the model is asked again, told what was wrong, within the retry
-    budget), and a row that never gets a valid reply fails with
-    ``error_type="SchemaError"``, its last reply kept in ``content``.
-    ``reply`` is that reply's text.
-    """
-
-    def __init__(self, message: str, reply: str | None = None) -> None:
-        super().__init__(message)
-        self.reply = reply
-
-
 class BrokerUnreachable(RactoError, ConnectionError):
     """The broker (or result backend) did not answer in time; the message names the URL and the fix."""
 
@@ -184,3 +169,18 @@ class RetryScheduled(RactoError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class SchemaError(RactoError, ValueError):
+    """A reply is not what the batch's ``choices`` or ``schema`` asked for.
+
+    Raised in the worker after the call, by :mod:`racto_nb.structured`: it is
+    retryable (the model is asked again, told what was wrong, within the retry
+    budget), and a row that never gets a valid reply fails with
+    ``error_type="SchemaError"``, its last reply kept in ``content``.
+    ``reply`` is that reply's text.
+    """
+
+    def __init__(self, message: str, reply: str | None = None) -> None:
+        super().__init__(message)
+        self.reply = reply

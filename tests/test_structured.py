@@ -225,6 +225,29 @@ def test_a_task_failed_keeps_the_reply_through_its_args() -> None:
     assert TaskFailed(*failed.args).reply == {"content": "nope"}
 
 
+@pytest.mark.skipif(not HAS_LLAMA, reason="needs racto_nb[local]")
+def test_local_kit_sends_the_grammar_and_says_it_constrains() -> None:
+    from racto_nb.kits.local import LocalKit
+
+    kit = LocalKit()
+    spec = output_spec(choices=["yes", "no"])
+    assert spec is not None and kit.constrains_output
+    assert kit.sampling_kwargs(ChatConfig(user_message="?", output=spec))["grammar"] == spec.llama_grammar()
+    assert "grammar" not in kit.sampling_kwargs(ChatConfig(user_message="?"))
+
+
+def test_the_spec_replaces_a_response_format_given_in_extra(fake_openai: FakeOpenAIServer, unique_case: str) -> None:
+    kit = OpenAIKit("fake-model", base_url=fake_openai.base_url, timeout_s=5)
+    spec = output_spec(choices=["yes", "no"])
+    config = ChatConfig(
+        user_message=f"[case:{unique_case}] no", extra={"response_format": {"type": "text"}, "seed": 1}, output=spec
+    )
+    reply = kit.chat(config)
+    body = fake_openai.requests(unique_case)[0].body
+    assert body["response_format"] == spec.openai_response_format() and body["seed"] == 1  # type: ignore[union-attr]
+    assert json.loads(reply.content or "") == {"label": "no"}
+
+
 # ---------------------------------------------------------------------------- the fake server, embedded worker
 
 FAST_RETRY = RetryConfig(max_retries=2, initial_delay_s=0.05, backoff_factor=2.0, max_delay_s=0.2)
