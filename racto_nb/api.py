@@ -35,7 +35,7 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, overload
 
 import pandas as pd
@@ -131,7 +131,7 @@ class BatchOptions(_FollowOptions, total=False):
     cache: bool
     max_cost_usd: float | None
     prompt_column: bool
-    choices: list[str] | None
+    choices: Sequence[str] | None
     schema: SchemaLike | None
 
 
@@ -154,7 +154,7 @@ class GenerateOptions(TypedDict, total=False):
     timeout_s: float | None
     progress: ProgressChoice | StatusView
     on_done: Callable[[TaskResult], object] | None
-    choices: list[str] | None
+    choices: Sequence[str] | None
     schema: SchemaLike | None
 
 
@@ -224,7 +224,7 @@ def _run_batch(
     cache: bool = True,
     max_cost_usd: float | None = None,
     prompt_column: bool = True,
-    choices: list[str] | None = None,
+    choices: Sequence[str] | None = None,
     schema: SchemaLike | None = None,
 ) -> pd.DataFrame | BatchRun:
     _check_options(temperature, max_tokens, timeout_s, progress)
@@ -411,7 +411,7 @@ def _generate(
     progress: ProgressChoice | StatusView = "auto",
     on_done: Callable[[TaskResult], object] | None = None,
     cache: bool = True,
-    choices: list[str] | None = None,
+    choices: Sequence[str] | None = None,
     schema: SchemaLike | None = None,
 ) -> TaskResult | TaskRun:
     _check_options(temperature, max_tokens, timeout_s, progress)

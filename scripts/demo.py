@@ -56,7 +56,11 @@ def main() -> None:
     for name in LABELS:
         rows = truth == name
         print(f"  {name:8} reviews labelled {name}: {int((label[rows] == name).sum())} of {int(rows.sum())}")
-    print(f"{len(results)} rows in {elapsed:.1f} s")
+    cached = int(results["cached"].sum())
+    print(
+        f"{len(results)} rows in {elapsed:.1f} s"
+        + (f" ({cached} answered from the pay-once ledger of an earlier run)" if cached else "")
+    )
     print(
         "SmolLM2-135M always answers with a label here, but which label is little better than a guess: "
         "it proves the path (and the grammar) offline. For labels to rely on, set RACTO_PROVIDER=openai "
