@@ -83,6 +83,7 @@ class OutputSpec(BaseModel):
 
     @classmethod
     def from_choices(cls, choices: Sequence[str]) -> OutputSpec:
+        """One label per row. Labels must differ beyond case and spaces: replies are matched without them."""
         if isinstance(choices, str):
             raise InvalidArgument(f"choices must be a list of labels, e.g. choices=['yes', 'no'] (got {choices!r})")
         labels = tuple(choices)
@@ -106,6 +107,8 @@ class OutputSpec(BaseModel):
 
     @classmethod
     def from_schema(cls, schema: type[BaseModel] | dict[str, Any]) -> OutputSpec:
+        """An object per row. The model class is kept (in this process only) to build instances from replies;
+        the workers get its JSON schema, ``$ref``-free, checked here so a bad one fails before anything is sent."""
         model: type[BaseModel] | None = None
         if isinstance(schema, type) and issubclass(schema, BaseModel):
             model, raw, name = schema, schema.model_json_schema(), schema.__name__
