@@ -35,8 +35,8 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal, TypedDict, overload
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, overload
 
 import pandas as pd
 from typing_extensions import Unpack
@@ -56,6 +56,7 @@ from racto_nb.models import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, MAX_TEMPERA
 from racto_nb.notebook.runs import DEFAULT_INTERVAL_S, BatchRun, TaskRun, wait_task
 from racto_nb.notebook.status_line import make_status_line
 from racto_nb.notebook.views import ProgressChoice, ProgressView, StatusView, check_progress, notice
+from racto_nb.structured import OutputSpec, SchemaLike, output_spec
 
 if TYPE_CHECKING:
     from racto_nb.engine.worker import RactoCeleryWorker
@@ -81,6 +82,7 @@ __all__ = [
     "start_workers",
     "status",
     "stop_workers",
+    "structured_value",
     "worker_heartbeats",
 ]
 
@@ -129,6 +131,8 @@ class BatchOptions(_FollowOptions, total=False):
     cache: bool
     max_cost_usd: float | None
     prompt_column: bool
+    choices: Sequence[str] | None
+    schema: SchemaLike | None
 
 
 class AttachOptions(_FollowOptions, total=False):
@@ -150,6 +154,8 @@ class GenerateOptions(TypedDict, total=False):
     timeout_s: float | None
     progress: ProgressChoice | StatusView
     on_done: Callable[[TaskResult], object] | None
+    choices: Sequence[str] | None
+    schema: SchemaLike | None
 
 
 # ---------------------------------------------------------------------------- batches
@@ -186,7 +192,11 @@ def run_batch(
             ``write_back`` (add the content as this new column of the source
             frame when the batch ends), ``frame`` (the DataFrame a Series
             source came from), ``on_done`` (called with the result frame each
-            time the batch ends), ``title``, ``interval_s``.
+            time the batch ends), ``title``, ``interval_s``; ``choices``
+            (one label per row, a ``category`` column ``label``) or ``schema``
+            (a pydantic model class or a JSON-schema dict of an object: one
+            typed column per field), see :mod:`racto_nb.structured` and
+            :mod:`racto_nb.batch.columns`.
 
     Raises:
         TemplateError, InvalidArgument, InvalidSource: bad input; nothing was sent.
@@ -214,13 +224,22 @@ def _run_batch(
     cache: bool = True,
     max_cost_usd: float | None = None,
     prompt_column: bool = True,
+    choices: Sequence[str] | None = None,
+    schema: SchemaLike | None = None,
 ) -> pd.DataFrame | BatchRun:
     _check_options(temperature, max_tokens, timeout_s, progress)
     _check_cost(max_cost_usd)
+    output = output_spec(choices, schema)
     chosen = resolve_worker(worker)
     _check_priced(chosen, max_cost_usd)
     rows = prepare_rows(
-        source, template, custom_id=custom_id, on_missing=on_missing, write_back=write_back, frame=frame
+        source,
+        template,
+        custom_id=custom_id,
+        on_missing=on_missing,
+        write_back=write_back,
+        frame=frame,
+        output=output,
     )
     batch = Batch.submit(
         chosen,
@@ -232,6 +251,7 @@ def _run_batch(
         cache=cache,
         max_cost_usd=max_cost_usd,
         prompt_column=prompt_column,
+        output=output,
     )
     _say_if_no_worker(chosen, batch)
     run = BatchRun(
@@ -371,7 +391,10 @@ def generate(prompt: str, *, wait: bool = True, **options: Unpack[GenerateOption
     thread keeps the line current (and renders the answer under it, in a
     notebook) and calls ``on_done(result)`` when the task is final. The other
     options: ``worker``, ``temperature``, ``max_tokens``, ``timeout_s``,
-    ``progress`` (see :class:`GenerateOptions`).
+    ``progress`` (see :class:`GenerateOptions`), and ``choices`` / ``schema``
+    as for :func:`run_batch`: ``result.result["parsed"]`` is then the
+    validated object, and :func:`structured_value` turns it into the model
+    instance (or the label).
     """
     return _generate(prompt, wait=wait, **options)
 
@@ -388,13 +411,18 @@ def _generate(
     progress: ProgressChoice | StatusView = "auto",
     on_done: Callable[[TaskResult], object] | None = None,
     cache: bool = True,
+    choices: Sequence[str] | None = None,
+    schema: SchemaLike | None = None,
 ) -> TaskResult | TaskRun:
     _check_options(temperature, max_tokens, timeout_s, progress)
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidArgument("the prompt is empty; write it in the cell body (or pass a non-empty string)")
+    output = output_spec(choices, schema)
     chosen = resolve_worker(worker)
     history = [{"role": "system", "content": system_prompt}] if system_prompt else None
-    task_id = chosen.generate(prompt, temperature=temperature, max_tokens=max_tokens, history=history, cache=cache).id
+    task_id = chosen.generate(
+        prompt, temperature=temperature, max_tokens=max_tokens, history=history, cache=cache, output=output
+    ).id
     line = make_status_line(progress, max_retries=chosen.retry_config.max_retries, show_answer=not wait)
     line.display()
     if wait:
@@ -402,6 +430,13 @@ def _generate(
     run = TaskRun(chosen, task_id, line, on_done=on_done, timeout_s=timeout_s)
     run.start()
     return run
+
+
+def structured_value(result: TaskResult, spec: OutputSpec) -> Any:
+    """The validated object of a successful structured task (model instance, dict or label); ``None`` otherwise."""
+    if not result.ok or not isinstance(result.result, dict):
+        return None
+    return spec.value(result.result.get("parsed"))
 
 
 def get_result(task_id: str, *, worker: RactoCeleryWorker | None = None) -> TaskResult:

@@ -20,6 +20,8 @@ Anything else that escapes racto_nb is a bug, and keeps its traceback.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BatchNotFound",
     "BrokerUnreachable",
@@ -33,6 +35,7 @@ __all__ = [
     "ModelNotFound",
     "RactoError",
     "RetryScheduled",
+    "SchemaError",
     "StillRunning",
     "TaskFailed",
     "TemplateError",
@@ -128,14 +131,17 @@ class TaskFailed(RactoError):
         status_code: int | None = None,
         attempts: int = 1,
         history: list[str] | None = None,
+        reply: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(message, error_type, status_code, attempts, list(history or []))
+        super().__init__(message, error_type, status_code, attempts, list(history or []), reply)
         self.message = message
         self.error_type = error_type
         self.status_code = status_code
         self.attempts = attempts
         #: What went wrong in each earlier attempt, oldest first (the last one is ``message``).
         self.history = list(history or [])
+        #: The response the last attempt got, when there was one (a ``SchemaError``: the reply that did not fit).
+        self.reply = reply
 
     def __str__(self) -> str:
         return self.message
@@ -163,3 +169,18 @@ class RetryScheduled(RactoError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class SchemaError(RactoError, ValueError):
+    """A reply is not what the batch's ``choices`` or ``schema`` asked for.
+
+    Raised in the worker after the call, by :mod:`racto_nb.structured`: it is
+    retryable (the model is asked again, told what was wrong, within the retry
+    budget), and a row that never gets a valid reply fails with
+    ``error_type="SchemaError"``, its last reply kept in ``content``.
+    ``reply`` is that reply's text.
+    """
+
+    def __init__(self, message: str, reply: str | None = None) -> None:
+        super().__init__(message)
+        self.reply = reply

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from racto_nb.structured import OutputSpec
+
 DEFAULT_TEMPERATURE = 0.0
 #: The sampling temperature providers accept (OpenAI: 0 to 2); above it a request is refused, after queueing.
 MAX_TEMPERATURE = 2.0
@@ -55,7 +57,8 @@ class TaskResult(BaseModel):
     status: TaskStatus
     result: Any | None = Field(
         default=None,
-        description="On success: the response dict (generate) or list of chunk dicts (ingest).",
+        description="On success: the response dict (generate) or list of chunk dicts (ingest); on a SchemaError "
+        "failure: the reply that did not fit.",
     )
     error: str | None = Field(default=None, description="Why the task failed, or why waiting stopped.")
     error_type: str | None = Field(
@@ -189,6 +192,10 @@ class ChatConfig(BaseModel):
     max_tokens: int = Field(default=DEFAULT_MAX_TOKENS, gt=0)
     history: list[Message] = Field(default_factory=list)
     extra: dict[str, Any] = Field(default_factory=dict)
+    #: What the reply must be (``choices`` / ``schema``), set by the worker from the batch's options. A kit that
+    #: can constrain its output to it does (``OpenAIKit``, ``LocalKit``); any other may ignore it: the worker
+    #: checks every reply either way. racto_nb's own field: RactoGateway kits never see it.
+    output: OutputSpec | None = None
 
     @field_validator("extra")
     @classmethod

@@ -51,6 +51,7 @@ from celery.utils import uuid
 
 from racto_nb.batch.catalog import remember
 from racto_nb.batch.checkpoint import INPUT_PART_ROWS, SKIPPED_STATUS, Checkpoint
+from racto_nb.batch.columns import with_fields
 from racto_nb.batch.rows import Rows
 from racto_nb.batch.twins import Twins, request_hashes
 from racto_nb.config import DEFAULT_PUBLISH_WINDOW, load_config
@@ -81,6 +82,7 @@ from racto_nb.models import (
     TaskResult,
     TaskStatus,
 )
+from racto_nb.structured import OutputSpec
 
 if TYPE_CHECKING:
     from racto_nb.engine.worker import RactoCeleryWorker
@@ -211,6 +213,8 @@ class Batch:
         self.max_cost_usd: float | None = opts.get("max_cost_usd")
         #: The result frame carries each row's rendered ``prompt`` (``prompt_column=False`` leaves it out).
         self.prompt_column: bool = bool(opts.get("prompt_column", True))
+        #: What every reply must be (``choices``/``schema``): its fields become typed columns of the frame.
+        self.output = OutputSpec.model_validate(opts["output"]) if opts.get("output") else None
         self.twins = Twins.none(n)
         self.pause_reason: str | None = None
         self.spent = {"cost_usd": 0.0, "saved_usd": 0.0, "cached": 0}
@@ -263,12 +267,16 @@ class Batch:
         cache: bool = True,
         max_cost_usd: float | None = None,
         prompt_column: bool = True,
+        output: OutputSpec | None = None,
     ) -> Batch:
         """Save the manifest, then checkpoint the inputs and publish them (in a daemon thread by default).
 
         ``rows`` is a checked source (:func:`~racto_nb.batch.rows.prepare_rows`),
         or prompts given one by one: ``None`` marks a row that is not sent,
         ``reasons[i]`` says why. Nothing is enqueued when any of it is invalid.
+        ``output`` (:func:`racto_nb.structured.output_spec`) travels to the
+        workers in the batch's options: replies are constrained or checked
+        against it, and its fields become typed columns.
         """
         if not isinstance(rows, Rows):
             rows = Rows.of_items(rows, index=index, reasons=reasons)
@@ -295,6 +303,8 @@ class Batch:
             "title": title,
             "opts": {"cache": cache, "max_cost_usd": max_cost_usd, "prompt_column": prompt_column},
         }
+        if output is not None:
+            manifest["opts"]["output"] = output.description()
         batch = cls(
             worker, batch_id=batch_id, manifest=manifest, checkpoint=checkpoint, index=rows.index, skipped=rows.skipped
         )
@@ -1243,6 +1253,8 @@ class Batch:
         frame["cost_usd"] = frame["cost_usd"].astype("float64")
         if self.prompt_column:
             frame["prompt"] = self._prompts(n)
+        if self.output is not None:
+            frame = with_fields(frame, self.output)
         frame.index = self.index
         frame.attrs["racto_batch_id"] = self.batch_id
         return frame

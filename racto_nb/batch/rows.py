@@ -29,6 +29,7 @@ import pandas as pd
 from racto_nb.batch.templates import MAX_PROMPT_CHARS, MissingRule, TemplateRows, placeholders
 from racto_nb.errors import InvalidArgument, InvalidSource, TemplateError
 from racto_nb.models import BatchItem
+from racto_nb.structured import OutputSpec
 
 __all__ = ["Rendered", "Rows", "Source", "prepare_rows"]
 
@@ -114,6 +115,7 @@ def prepare_rows(
     write_back: str | None = None,
     frame: pd.DataFrame | None = None,
     max_chars: int = MAX_PROMPT_CHARS,
+    output: OutputSpec | None = None,
 ) -> Rows:
     """Check ``source`` and snapshot what its prompts are made of (see :func:`racto_nb.api.run_batch`)."""
     table, template, owner = _as_table(source, template, frame)
@@ -127,7 +129,7 @@ def prepare_rows(
     custom_ids = _custom_ids(owner, custom_id) if custom_id is not None else None
     target = None
     if write_back is not None:
-        target = (_write_back_target(owner, write_back, placeholders(template), source), write_back)
+        target = (_write_back_target(owner, write_back, placeholders(template), source, output), write_back)
     return Rows(rows.index, target, rows.skipped.copy(), rows.render, custom_ids)
 
 
@@ -190,7 +192,9 @@ def _custom_ids(owner: pd.DataFrame | None, column: str) -> list[str | None]:
     return [None if gap else str(v) for v, gap in zip(values.tolist(), missing, strict=True)]
 
 
-def _write_back_target(owner: pd.DataFrame | None, column: str, reads: list[str], source: Source) -> pd.DataFrame:
+def _write_back_target(
+    owner: pd.DataFrame | None, column: str, reads: list[str], source: Source, output: OutputSpec | None
+) -> pd.DataFrame:
     if not isinstance(column, str) or not column:
         raise InvalidArgument("write_back must be the name of the new column, e.g. write_back='label'")
     if owner is None:
@@ -199,10 +203,13 @@ def _write_back_target(owner: pd.DataFrame | None, column: str, reads: list[str]
             "frame=df along with the Series df['col']"
         )
     read = set(reads) | ({source.name} if isinstance(source, pd.Series) else set())
-    if column in read:
-        raise InvalidArgument(
-            f"write_back={column!r} would overwrite the column the prompts are made from; pick a new name"
-        )
+    # With a schema the fields land in COLUMN.FIELD (racto_nb.notebook.write_back).
+    written = [column] if output is None or output.choices else [f"{column}.{f.name}" for f in output.fields()]
+    for name in written:
+        if name in read:
+            raise InvalidArgument(
+                f"write_back={column!r} would overwrite the column {name!r} the prompts are made from; pick a new name"
+            )
     return owner
 
 

@@ -12,6 +12,8 @@ import email.utils
 import time
 from dataclasses import dataclass
 
+from racto_nb.errors import SchemaError
+
 #: HTTP statuses that describe the provider's state, not the request's.
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 #: Statuses whose ``Retry-After`` header we honour.
@@ -39,11 +41,15 @@ def classify(exc: BaseException) -> Classification:
     Retried: timeouts, connection failures, HTTP 408/409/429 and 5xx.
     Not retried: everything else, notably 400/401/403/404/422 and validation
     errors; an unknown exception is a bug or bad input until proven otherwise,
-    and retrying it only multiplies the bill. Out of quota (402, or a 429 whose
+    and retrying it only multiplies the bill. A reply that is not what the
+    batch's ``choices``/``schema`` asked for (:class:`SchemaError`) is asked
+    again at once: the provider is fine, the answer was not. Out of quota (402, or a 429 whose
     code is ``insufficient_quota``) is neither: no retry helps until someone
     pays, so the batch pauses.
     """
     error_type = type(exc).__name__
+    if isinstance(exc, SchemaError):
+        return Classification(True, "SchemaError", None, retry_after_s=0.0)
     for link in _cause_chain(exc):
         status = _status_code(link)
         if status is not None:

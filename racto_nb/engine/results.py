@@ -9,7 +9,8 @@ reads it too. What racto_nb puts in ``result``, and why:
   redelivery stays bounded.
 * RETRY: a ``RetryScheduled`` error (type, HTTP status, attempt, the time of
   the next try), which a progress line shows as "retry 1 of 3, next try in 4 s".
-* FAILURE: a ``TaskFailed`` error (type, HTTP status, attempts).
+* FAILURE: a ``TaskFailed`` error (type, HTTP status, attempts; for a
+  ``SchemaError`` the reply that did not fit, which becomes ``result``).
 * SUCCESS: an envelope ``{"output", "attempts", "latency_s", "custom_id",
   "index", "deliveries", "worker", "cached", "cost_usd", "saved_usd"}``;
   ``TaskResult.result`` is its ``output``.
@@ -209,6 +210,9 @@ def to_task_result(task_id: str, meta: dict[str, Any] | None, *, now: float | No
         if isinstance(value, TaskFailed):
             fields["attempts"] = value.attempts
             fields["history"] = list(getattr(value, "history", None) or [])
+            reply = getattr(value, "reply", None)
+            if isinstance(reply, dict):
+                fields["result"] = reply  # the reply that did not fit the schema: its content stays readable
         elif isinstance(value, RetryScheduled):
             wait = value.retry_at - (time.time() if now is None else now)
             fields.update(attempts=value.attempts, max_retries=value.max_retries, retry_in_s=max(wait, 0.0))

@@ -5,6 +5,12 @@ message; the pool's size is how many calls a worker process has in flight.
 A row that fails transiently waits for its retry in a small schedule while
 the next rows run, so one ``Retry-After: 30`` never holds the rest back.
 
+With structured output (``opts["output"]``, :mod:`racto_nb.structured`) the
+kit gets the spec on ``config.output`` and every reply is checked after the
+call: a reply that does not fit is a retryable ``SchemaError``, asked again at
+once with the prompt saying what was wrong, and a row that never fits fails
+with its last reply kept in the stored error.
+
 What makes a chunk safe to run again (after a worker died, or when the same
 message arrives twice):
 
@@ -50,10 +56,11 @@ from racto_nb.engine.keys import chunk_runs_key, events_key, lease_key, pause_ke
 from racto_nb.engine.results import encode_meta, envelope, meta_key
 from racto_nb.engine.start_marks import start_marks
 from racto_nb.engine.store import Store, retrying, store_for
-from racto_nb.errors import RetryScheduled, TaskFailed
+from racto_nb.errors import RetryScheduled, SchemaError, TaskFailed
 from racto_nb.kits.base import run_chat
 from racto_nb.models import ChatConfig
 from racto_nb.redact import redact
+from racto_nb.structured import OutputSpec
 
 if TYPE_CHECKING:
     from celery import Task
@@ -140,6 +147,8 @@ class ChunkRunner:
         # The seed API sends no opts: it never answers from the ledger (the notebook layer asks for it).
         self.cache = bool(opts.get("cache", False)) and payload["kind"] == "chat"
         self.output: dict[str, Any] | None = opts.get("output")
+        #: What every reply must be (choices or a schema): the kit gets it, the runner checks each reply against it.
+        self.spec = OutputSpec.model_validate(self.output) if self.output and payload["kind"] == "chat" else None
         cap = opts.get("max_cost_usd")
         self.budget = None if cap is None else self.spending.budget(self.store, payload["batch"], float(cap))
         self.governor = self.spending.governor(self.store) if payload["kind"] == "chat" else None
@@ -223,6 +232,7 @@ class ChunkRunner:
             max_tokens=spec.get("k", defaults["max_tokens"]),
             history=defaults.get("history") or [],
             extra=spec.get("x", defaults.get("extra") or {}),
+            output=self.spec,
         )
 
     def _answer_from_ledger(self, rows: list[_Row]) -> list[_Row]:
@@ -336,6 +346,8 @@ class ChunkRunner:
         spec = row.spec
         usage = output.get("usage") if isinstance(output, dict) else None
         self._settle(tokens, usage, reserved, output if isinstance(output, dict) else None)
+        if error is None and self.spec is not None:
+            error = self._check(output)
         if error is None:
             result = self._envelope(row, output, attempts=attempt, latency=latency, cached=False)
             self._buffer(row, states.SUCCESS, result)
@@ -354,6 +366,10 @@ class ChunkRunner:
         what += f": {_explain(error, with_cause=verdict.status_code is None)}"
         if verdict.retryable and attempt <= retry.max_retries:
             row.history.append(f"attempt {attempt}: {what[:HISTORY_CHARS]}")
+            if isinstance(error, SchemaError) and self.spec is not None and row.config is not None:
+                # Asked again, told what was wrong: the same request at temperature 0 would get the same reply.
+                told = self.spec.reask_message(spec["m"], str(error))
+                row.config = row.config.model_copy(update={"user_message": told})
             countdown = retry.countdown(attempt - 1, verdict.retry_after_s)
             row.attempts, row.deliveries, row.due = attempt, 1, time.time() + countdown
             scheduled = RetryScheduled(
@@ -362,9 +378,23 @@ class ChunkRunner:
             self._write_now(row, states.RETRY, encode_meta(self.backend, spec["id"], states.RETRY, scheduled))
             return "retry"
         why = f"gave up after {attempt} attempts" if verdict.retryable else "not retried"
-        failure = TaskFailed(f"{what} ({why})", verdict.error_type, verdict.status_code, attempt, row.history)
+        reply = output if isinstance(error, SchemaError) and isinstance(output, dict) else None
+        failure = TaskFailed(
+            f"{what} ({why})", verdict.error_type, verdict.status_code, attempt, row.history, reply=reply
+        )
         self._buffer(row, states.FAILURE, failure)
         return "done"
+
+    def _check(self, output: Any) -> SchemaError | None:
+        """Check the reply against the spec: ``output["parsed"]`` becomes the validated object, or the error."""
+        assert self.spec is not None
+        if not isinstance(output, dict):
+            return SchemaError(f"the kit returned {type(output).__name__}, not a chat response")
+        try:
+            output["parsed"] = self.spec.check(output.get("content"))
+        except SchemaError as exc:
+            return exc
+        return None
 
     def _mark_started(self, row: _Row, attempt: int) -> int | None:
         """Store the row's STARTED state now (chunk ran before) or once the call outlives the grace; the mark."""

@@ -59,6 +59,7 @@ from racto_nb.models import (
     TaskStatus,
 )
 from racto_nb.redact import install_log_redaction
+from racto_nb.structured import OutputSpec
 
 __all__ = [
     "DEFAULT_MAX_REDELIVERIES",
@@ -184,13 +185,15 @@ class RactoCeleryWorker:
         history: list[dict[str, str]] | None = None,
         extra: dict[str, Any] | None = None,
         cache: bool = False,
+        output: OutputSpec | None = None,
     ) -> AsyncResult:
         """Enqueue one chat call; returns at once with the task's ``AsyncResult``.
 
         The request is validated here, so bad input raises before anything is
         enqueued instead of failing later in a worker. ``cache=True`` answers it
         from the pay-once ledger when the same request was paid for before
-        (:mod:`racto_nb.costs.ledger`).
+        (:mod:`racto_nb.costs.ledger`). ``output`` (:func:`racto_nb.structured.output_spec`):
+        the reply is constrained or checked against it, and ``parsed`` is the validated object.
         """
         config = ChatConfig(
             user_message=user_message,
@@ -202,7 +205,10 @@ class RactoCeleryWorker:
         _require_json(config.extra, "extra")
         task_id = uuid()
         rows: list[RowSpec] = [{"id": task_id, "m": config.user_message}]
-        self.send(task_id, "chat", self.defaults(config), rows, opts={"cache": cache})
+        opts: dict[str, Any] = {"cache": cache}
+        if output is not None:
+            opts["output"] = output.description()
+        self.send(task_id, "chat", self.defaults(config), rows, opts=opts)
         return self.app.AsyncResult(task_id)
 
     def ingest_document(self, path: str, **metadata: Any) -> AsyncResult:
@@ -273,7 +279,7 @@ class RactoCeleryWorker:
     @staticmethod
     def defaults(config: ChatConfig) -> dict[str, Any]:
         """What every row of a chunk shares: ``config`` without its message."""
-        return config.model_dump(mode="json", exclude={"user_message"})
+        return config.model_dump(mode="json", exclude={"user_message", "output"})
 
     def chunk(
         self,

@@ -56,7 +56,16 @@ def chat_messages(system_prompt: str | None, config: ChatConfig) -> list[dict[st
 
 
 def run_chat(kit: Kit, config: ChatConfig) -> dict[str, Any]:
-    """Call ``kit.chat`` with the config type it understands and return JSON."""
+    """Call ``kit.chat`` with the config type it understands and return JSON.
+
+    With structured output asked for (``config.output``) and a kit that does
+    not say it constrains its replies (``constrains_output = True``, as
+    ``OpenAIKit`` and ``LocalKit`` do), the prompt is told what to reply with;
+    the reply is checked by the caller either way.
+    """
+    if config.output is not None and not getattr(kit, "constrains_output", False):
+        told = f"{config.user_message}\n\n{config.output.instruction()}"
+        config = config.model_copy(update={"user_message": told})
     return to_response_dict(kit.chat(_config_for(kit, config)))
 
 
@@ -66,7 +75,7 @@ def _config_for(kit: Kit, config: ChatConfig) -> Any:
     if type(kit).__module__.startswith("ractogateway."):
         from ractogateway._models.chat import ChatConfig as RGChatConfig
 
-        return RGChatConfig.model_validate(config.model_dump())
+        return RGChatConfig.model_validate(config.model_dump(exclude={"output"}))
     return config
 
 

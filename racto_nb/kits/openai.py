@@ -40,7 +40,14 @@ class OpenAIKit:
     which is never shown), never by their client: re-running a notebook cell
     that builds ``RactoCeleryWorker(app, kit=OpenAIKit(...))`` with the same
     settings finds the same kit.
+
+    Structured output (``config.output``) is sent as a strict ``json_schema``
+    ``response_format``, which replaces one given in ``extra``: the provider
+    then decodes only replies that fit.
     """
+
+    #: Replies are held to ``config.output`` by the provider (strict JSON schema), not only checked afterwards.
+    constrains_output = True
 
     def __init__(
         self,
@@ -133,6 +140,9 @@ class OpenAIKit:
         The raw response is read for its ``x-ratelimit-*`` headers, which the
         fleet's rate governor uses to slow down before the provider says 429.
         """
+        body = dict(config.extra)
+        if config.output is not None:
+            body["response_format"] = config.output.openai_response_format()
         raw = self.client.chat.completions.with_raw_response.create(
             model=self.model,
             messages=self.messages_for(config),  # type: ignore[arg-type]
@@ -140,7 +150,7 @@ class OpenAIKit:
             max_tokens=config.max_tokens,
             # Provider-specific keys (top_p, seed, response_format, ...) go in
             # the body as given: the SDK would reject unknown keyword arguments.
-            extra_body=config.extra or None,
+            extra_body=body or None,
         )
         completion = raw.parse()
         choice = completion.choices[0] if completion.choices else None

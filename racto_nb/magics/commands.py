@@ -23,6 +23,7 @@ from racto_nb.notebook.claims import claim
 from racto_nb.notebook.display import show_content
 from racto_nb.notebook.kernel import ipython_display
 from racto_nb.notebook.views import ProgressChoice, notice
+from racto_nb.structured import OutputSpec, output_spec
 
 __all__ = ["batch", "batches", "connect", "generate", "status", "workers"]
 
@@ -77,9 +78,16 @@ def connect(shell: Any, args: Any) -> None:
 def generate(shell: Any, args: Any, cell: str, *, progress: ProgressChoice) -> None:
     """``%%racto_generate``: fill the body from the namespace, send it, render the answer as Markdown."""
     check_name(args.out, "--out")
+    spec = _output(shell, args)
     prompt = interpolate(cell.strip(), shell.user_ns)
     worker = _worker()
     slot = _Slot(shell.user_ns, args.out) if args.out else None
+
+    def store(result: Any) -> None:
+        # With --choices / --schema, --out holds what the user asked for: the label, or the validated object.
+        assert slot is not None
+        slot.final(result if spec is None else api.structured_value(result, spec))
+
     outcome = api.generate(
         prompt,
         worker=worker,
@@ -89,7 +97,8 @@ def generate(shell: Any, args: Any, cell: str, *, progress: ProgressChoice) -> N
         timeout_s=args.timeout,
         wait=not args.no_wait,
         progress=progress,
-        on_done=slot.final if slot and args.no_wait else None,
+        on_done=store if slot and args.no_wait else None,
+        schema=spec,
     )
     if isinstance(outcome, api.TaskRun):
         if slot is not None:
@@ -97,8 +106,27 @@ def generate(shell: Any, args: Any, cell: str, *, progress: ProgressChoice) -> N
             notice(f"task {outcome.task_id} runs in the background; {args.out} holds its result when it ends")
         return
     if slot is not None:
-        slot.final(outcome)
+        store(outcome)
+        if spec is not None and not outcome.ok:
+            notice(f"{args.out} is None: no valid answer ({outcome.error_type}: {outcome.error})")
     show_content(outcome)
+
+
+def _output(shell: Any, args: Any) -> OutputSpec | None:
+    """``--choices a,b,c`` / ``--schema NAME`` as a spec, checked before anything is sent."""
+    schema = None
+    if args.schema is not None:
+        name = args.schema
+        if not name.isidentifier() or name not in shell.user_ns:
+            raise UsageError(
+                f"--schema {name}: no such variable in the notebook; define it first, e.g. "
+                f"class {name if name.isidentifier() else 'Review'}(BaseModel): label: Literal['pos', 'neg']"
+            )
+        schema = shell.user_ns[name]
+    choices = None if args.choices is None else [label.strip() for label in args.choices.split(",")]
+    if choices is not None and all(not label for label in choices):
+        raise UsageError("--choices is empty: give the labels separated by commas, e.g. --choices positive,negative")
+    return output_spec(choices, schema)
 
 
 def batch(shell: Any, args: Any, cell: str | None, *, progress: ProgressChoice) -> Any:
@@ -114,10 +142,11 @@ def batch(shell: Any, args: Any, cell: str | None, *, progress: ProgressChoice) 
         "title": _first_line(getattr(args, "line", "") or "%racto_batch"),
     }
     if args.attach:
-        if args.expr or template or args.write_back or args.custom_id or args.estimate or args.no_cache:
+        structured = args.choices is not None or args.schema is not None
+        if args.expr or template or args.write_back or args.custom_id or args.estimate or args.no_cache or structured:
             raise UsageError(
                 "--attach ID rebuilds a batch that already exists: drop the expression, template, "
-                "--write-back, --custom-id, --estimate and --no-cache"
+                "--write-back, --custom-id, --estimate, --no-cache, --choices and --schema"
             )
         if args.cancel and args.resume:
             raise UsageError("--cancel and --resume pull opposite ways: give one of them")
@@ -140,6 +169,7 @@ def batch(shell: Any, args: Any, cell: str | None, *, progress: ProgressChoice) 
             raise UsageError(
                 "name the rows: %racto_batch df['review'] --out labels, or %%racto_batch df with a template as the body"
             )
+        spec = _output(shell, args)
         source = evaluate(shell, args.expr)
         frame = series_parent(shell, source) if isinstance(source, pd.Series) else None
         worker = _worker()
@@ -166,6 +196,7 @@ def batch(shell: Any, args: Any, cell: str | None, *, progress: ProgressChoice) 
             write_back=args.write_back,
             max_cost_usd=args.max_cost,
             prompt_column=not args.no_prompt,
+            schema=spec,
             **shared,
             **common,
         )

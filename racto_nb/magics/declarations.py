@@ -118,6 +118,16 @@ class RactoMagics(Magics):
     @argument("--timeout", type=float, help="Stop waiting after this many seconds (the task runs on).")
     @argument("--no-wait", action="store_true", help="Return at once; --out is filled when the task ends.")
     @argument("--progress", choices=PROGRESS_CHOICES, help="Status view: auto, widget, text or none.")
+    @argument(
+        "--choices",
+        metavar="A,B,C",
+        help="The answer is exactly one of these labels; --out holds the label.",
+    )
+    @argument(
+        "--schema",
+        metavar="NAME",
+        help="The answer fits this pydantic model (or JSON-schema dict) of your namespace; --out holds the object.",
+    )
     @cell_magic
     def racto_generate(self, line: str, cell: str) -> None:
         """The cell body is the prompt; {name} is filled from your variables ({{ }} for braces)."""
@@ -171,6 +181,17 @@ class RactoMagics(Magics):
         help="With --attach: go on with a paused batch (out of quota, or --max-cost reached; give a new --max-cost).",
     )
     @argument("--progress", choices=PROGRESS_CHOICES, help="Progress view: auto, widget, text or none.")
+    @argument(
+        "--choices",
+        metavar="A,B,C",
+        help="One of these labels per row, in a category column 'label' (--write-back COL writes it to COL).",
+    )
+    @argument(
+        "--schema",
+        metavar="NAME",
+        help="Each answer fits this pydantic model (or JSON-schema dict) of your namespace: one typed column "
+        "per field (--write-back COL writes COL.FIELD).",
+    )
     @line_cell_magic
     def racto_batch(self, line: str, cell: str | None = None) -> Any:
         """One LLM call per row; a DataFrame indexed like the input comes back."""

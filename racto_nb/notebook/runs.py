@@ -79,7 +79,7 @@ class BatchRun:
         self.on_done = on_done
         #: Where the answers go when the batch ends: by index label, and only while this is the newest run.
         self.write_back = (
-            WriteBack(write_back[0], write_back[1], batch.index, claim(write_back[0], write_back[1]))
+            WriteBack(write_back[0], write_back[1], batch.index, claim(write_back[0], write_back[1]), batch.output)
             if write_back is not None
             else None
         )

@@ -13,6 +13,12 @@ would then give rows each other's answers without a word. So:
   is written and the note says where the answers are.
 
 Only the newest run that writes a column writes it (:mod:`racto_nb.notebook.claims`).
+
+With structured output (``choices`` / ``schema``) the fields are written, typed
+as in the result frame, instead of the raw content: the label into the column
+itself for ``choices``; for a ``schema``, each field into ``COLUMN.FIELD``
+(the object is named by the column, its fields dotted below it, as nested
+fields are).
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from racto_nb.batch.columns import FIELDS_ATTR
 from racto_nb.notebook.claims import Claim
+from racto_nb.structured import OutputSpec
 
 __all__ = ["WriteBack"]
 
@@ -34,18 +42,29 @@ class WriteBack:
     column: str
     submitted: pd.Index
     claim: Claim
+    output: OutputSpec | None = None
+
+    def targets(self, result: pd.DataFrame) -> dict[str, pd.Series]:
+        """Target column → the result column written into it."""
+        if self.output is None:
+            return {self.column: result["content"]}
+        columns: dict[str, str] = result.attrs.get(FIELDS_ATTR, {})
+        if self.output.choices is not None:
+            return {self.column: result[next(iter(columns.values()))]}
+        return {f"{self.column}.{field}": result[name] for field, name in columns.items()}
 
     def apply(self, result: pd.DataFrame) -> str | None:
-        """Write ``result["content"]`` into the target; returns a note for the user when not every row fit."""
+        """Write the answers into the target; returns a note for the user when not every row fit."""
         if not self.claim.held():
             return (
                 f"write-back: {self.column!r} was not written; a newer run of this cell writes that column "
                 "(this run's answers are in its result frame)"
             )
-        content = result["content"]
+        written = self.targets(result)
         target = self.target
         if target.index.equals(self.submitted):
-            target[self.column] = content.to_numpy()
+            for name, values in written.items():
+                target[name] = values.array
             return None
         if not self.submitted.is_unique:
             return (
@@ -53,8 +72,8 @@ class WriteBack:
                 "and its index has duplicate labels, so no answer can be placed for sure. The answers are in the "
                 "result frame, in the order the rows were sent"
             )
-        placed = pd.Series(content.to_numpy(), index=self.submitted).reindex(target.index)
-        target[self.column] = placed.to_numpy()
+        for name, values in written.items():
+            target[name] = pd.Series(values.array, index=self.submitted).reindex(target.index).array
         gone = int((~self.submitted.isin(target.index)).sum())
         new = int((~target.index.isin(self.submitted)).sum())
         if not gone and not new:

@@ -16,7 +16,14 @@ Replies are deterministic, so tests can assert on them:
   message. If ``U`` contains ``[json]`` (or the request sets
   ``response_format`` to ``json_object``/``json_schema``), the reply is instead
   ``json.dumps({"echo": U})``, with a ``"system": S`` key added when there is a
-  system message, so the content stays parseable JSON. Usage counts
+  system message, so the content stays parseable JSON. A ``json_schema``
+  response format is answered with an object that fits its schema
+  (:func:`fake_instance`: an enum takes the first of its values that the
+  user text names, else its first; a string is the user text; an integer
+  the user text's word count; a boolean whether that count is even), except
+  that ``[invalid:N]`` in the user text makes the case's first ``N``
+  requests get a reply that fits nothing (``"not what you asked for"``),
+  for re-ask tests. Usage counts
   whitespace-separated words: every message's text for ``prompt_tokens``, the
   reply for ``completion_tokens``.
 * Embeddings (``POST /v1/embeddings``): :func:`fake_embedding` of each input,
@@ -72,12 +79,16 @@ __all__ = [
     "OpenAIFaultControl",
     "RecordedRequest",
     "fake_embedding",
+    "fake_instance",
     "main",
 ]
 
 DEFAULT_CASE = "default"
 CASE_MARKER = re.compile(r"\[case:([^\]\s]+)\]")
 JSON_MARKER = "[json]"
+INVALID_MARKER = re.compile(r"\[invalid:(\d+)\]")
+#: The reply ``[invalid:N]`` requests get: no JSON, no label.
+INVALID_REPLY = "not what you asked for"
 SYSTEM_PREFIX_CHARS = 40
 MODELS = ("fake-model",)
 
@@ -245,6 +256,39 @@ def fake_embedding(text: str | Sequence[int], dim: int = 8) -> list[float]:
     values = [u / 2**31 - 1.0 for u in struct.unpack(f"<{dim}I", bytes(raw[: 4 * dim]))]
     norm = sum(v * v for v in values) ** 0.5 or 1.0
     return [v / norm for v in values]
+
+
+def fake_instance(schema: Any, text: str) -> Any:
+    """A deterministic value that fits the JSON ``schema``, derived from ``text`` (see the module docstring)."""
+    if not isinstance(schema, dict):
+        return None
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return fake_instance(schema[key][0], text)
+    if schema.get("enum"):
+        folded = text.lower()
+        named = [v for v in schema["enum"] if isinstance(v, str) and v.lower() in folded]
+        return min(named, key=lambda v: folded.index(v.lower())) if named else schema["enum"][0]
+    if "const" in schema:
+        return schema["const"]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    words = _words(text)
+    if kind == "object":
+        props = schema.get("properties") or {}
+        return {name: fake_instance(inner, text) for name, inner in props.items()}
+    if kind == "array":
+        return [fake_instance(schema.get("items") or {}, text)]
+    if kind == "integer":
+        return words
+    if kind == "number":
+        return words / 2
+    if kind == "boolean":
+        return words % 2 == 0
+    if kind == "string":
+        return text
+    return None
 
 
 def _text_of(content: object) -> str:
@@ -488,7 +532,13 @@ class _Handler(BaseHTTPRequestHandler):
         json_mode = JSON_MARKER in user_text or (
             isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema")
         )
-        if json_mode:
+        invalid = INVALID_MARKER.search(user_text)
+        schema = (response_format.get("json_schema") or {}).get("schema") if isinstance(response_format, dict) else None
+        if invalid and seq <= int(invalid.group(1)):
+            content = INVALID_REPLY
+        elif isinstance(schema, dict):
+            content = json.dumps(fake_instance(schema, user_text))
+        elif json_mode:
             reply: dict[str, str] = {"echo": user_text}
             if system is not None:
                 reply["system"] = system
