@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,17 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from racto_nb.fleet.processes import WorkerProcess  # noqa: E402
 from racto_nb.testing import FakeOpenAIControl, RedisServer  # noqa: E402
-
-
-def start_fake_server() -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "racto_nb.testing.openai_server", "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
-    assert process.stdout is not None
-    return process, process.stdout.readline().strip()
+from racto_nb.testing.openai_server import start_in_process  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -57,7 +46,7 @@ def run_batch(worker: object, n: int, case: str) -> float:
 
 
 def main() -> None:
-    server, base_url = start_fake_server()
+    server, base_url = start_in_process()
     control = FakeOpenAIControl(base_url)
     rows: list[tuple[str, str]] = []
     try:

@@ -63,6 +63,7 @@ from racto_nb import api  # noqa: E402
 from racto_nb.fleet.connection import disconnect  # noqa: E402
 from racto_nb.fleet.processes import WorkerProcess  # noqa: E402
 from racto_nb.testing import FakeOpenAIControl, RedisServer  # noqa: E402
+from racto_nb.testing.openai_server import start_in_process  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "scale.md"
 KEY = "sk-bench-scale-0000"
@@ -155,16 +156,6 @@ def settings(broker: str, folder: Path, base_url: str = "http://127.0.0.1:9/v1")
     }
 
 
-def fake_server() -> tuple[subprocess.Popen[str], str]:
-    """The OpenAI-compatible test server in its own process (its own GIL); returns it and its base URL."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "racto_nb.testing.openai_server", "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
-    assert process.stdout is not None
-    return process, process.stdout.readline().strip()
 
 
 # ---------------------------------------------------------------------------- submit, refresh, memory
@@ -357,7 +348,7 @@ def throughput_part(rows: int, plain_rows: int) -> str:
 
 
 def flags_part(rows: int = 2_000, latency_s: float = 1.0) -> str:
-    server, base_url = fake_server()
+    server, base_url = start_in_process()
     control = FakeOpenAIControl(base_url)
     try:
         with tempfile.TemporaryDirectory() as folder, RedisServer() as redis_server:
@@ -398,7 +389,7 @@ def flags_part(rows: int = 2_000, latency_s: float = 1.0) -> str:
 
 
 def seed_part(items: int = 200, latency_s: float = 0.1, threads: int = 16, repeat: int = 3) -> str:
-    server, base_url = fake_server()
+    server, base_url = start_in_process()
     control = FakeOpenAIControl(base_url)
     try:
         with tempfile.TemporaryDirectory() as folder, RedisServer() as redis_server:

@@ -12,6 +12,7 @@ import pytest
 
 from racto_nb.batch.batch import Batch
 from racto_nb.batch.templates import render_rows
+from racto_nb.engine.chunks import rows_per_chunk
 from racto_nb.engine.keys import batch_key
 from racto_nb.engine.worker import RactoCeleryWorker
 from racto_nb.models import TaskStatus
@@ -29,9 +30,7 @@ def _run(batch: Batch, timeout_s: float = 30.0) -> pd.DataFrame:
     return batch.to_frame()
 
 
-def test_result_frame_is_aligned_to_an_index_with_duplicates(
-    worker: RactoCeleryWorker, unique_case: str
-) -> None:
+def test_result_frame_is_aligned_to_an_index_with_duplicates(worker: RactoCeleryWorker, unique_case: str) -> None:
     frame = pd.DataFrame({"review": ["good", "bad", "fine", "good"]}, index=[7, 7, 3, 7])
     prompts, reasons = render_rows(f"Rate {{review}} [case:{unique_case}]", frame)
     batch = Batch.submit(worker, prompts, index=frame.index, reasons=reasons)
@@ -198,9 +197,7 @@ def test_refresh_reads_what_changed_and_cancel_reaches_unsent_rows(
     del backend
 
 
-def test_submit_validates_everything_before_sending(
-    idle_worker: RactoCeleryWorker, redis_server: RedisServer
-) -> None:
+def test_submit_validates_everything_before_sending(idle_worker: RactoCeleryWorker, redis_server: RedisServer) -> None:
     client = redis_server.client()
     before = set(client.keys("racto:batch:*"))
     with pytest.raises(ValueError, match="no rows"):
@@ -259,3 +256,32 @@ def test_an_index_that_cannot_come_back_unchanged_is_refused_before_sending(
     with pytest.raises(ValueError, match="reset_index"):
         Batch.submit(worker, ["a", "b", "c"], index=pd.interval_range(0, 3))
     assert redis_server.client().llen(worker.queue) == queued
+
+
+def test_a_window_bounds_what_is_out_and_the_publisher_refills_it(
+    idle_worker: RactoCeleryWorker,
+    worker: RactoCeleryWorker,
+    redis_server: RedisServer,
+    fake_openai: FakeOpenAIServer,
+    unique_case: str,
+) -> None:
+    """Redis holds the window, not the batch: what a million-row batch relies on, at 3,000 rows and a window of 300."""
+    waiting = Batch.submit(idle_worker, [f"row {i}" for i in range(3000)], window=300)
+    assert waiting.join_publisher(timeout_s=30)  # the window is full: the publisher rests
+    client = redis_server.client()
+    assert waiting.refresh().submitted == 300
+    assert client.llen(unique_case) == 100  # 3 rows per message, nothing more in the queue
+    waiting.cancel()
+
+    batch = Batch.submit(worker, [f"row {i} [case:{unique_case}]" for i in range(3000)], window=300)
+    most_out = 0
+    while not (progress := batch.refresh()).finished:
+        most_out = max(most_out, (progress.submitted or 0) - progress.done)
+        time.sleep(0.01)
+    frame = batch.to_frame()
+
+    assert 0 < most_out <= 300 + rows_per_chunk(3000) - 1  # a chunk is sent whole once there is room for a row
+    assert (frame["status"] == "success").all() and len(frame) == 3000
+    assert list(frame["content"]) == [f"echo: row {i} [case:{unique_case}]" for i in range(3000)]
+    assert len(sent_messages(fake_openai, unique_case)) == 3000  # each row sent once
+    client.close()

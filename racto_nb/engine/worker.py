@@ -76,9 +76,10 @@ logger = logging.getLogger(__name__)
 #: A row whose worker died this many times in one attempt fails instead of
 #: being redelivered again (a poison message would otherwise loop forever).
 DEFAULT_MAX_REDELIVERIES = 3
-#: The seed API's waits: quick first looks (a fast answer is not held back), then at most every 50 ms.
+#: The seed API's waits: quick first looks (a fast answer is not held back), then at most every 20 ms;
+#: a look that costs more (thousands of ids) waits three times its cost, so a long wait stays cheap.
 _POLL_FIRST_S = 0.005
-_POLL_MAX_S = 0.05
+_POLL_MAX_S = 0.02
 #: How long ``wait`` keeps trying a result backend that stopped answering (a restart) before raising.
 WAIT_RECONNECT_BUDGET_S = 60.0
 #: A chunk sent this long ago with no trace of any of its rows is checked for having been lost.

@@ -56,6 +56,7 @@ import signal
 import socket
 import socketserver
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -81,6 +82,7 @@ __all__ = [
     "fake_embedding",
     "fake_instance",
     "main",
+    "start_in_process",
 ]
 
 DEFAULT_CASE = "default"
@@ -797,6 +799,20 @@ class FakeOpenAIControl:
 
     def reset(self) -> None:
         self._call("POST", "/_control/reset", {})
+
+
+def start_in_process(*extra_args: str) -> tuple[subprocess.Popen[str], str]:
+    """The server in a process of its own (its own GIL, so it never slows the process it measures).
+
+    Returns the process (terminate it when done) and its base URL, read from the first line it prints.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "racto_nb.testing.openai_server", "--port", "0", *extra_args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    return process, process.stdout.readline().strip()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
