@@ -249,7 +249,8 @@ def test_keyboard_interrupt_stops_waiting_and_says_how_to_reattach(
     unique_case: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    fake_openai.script(unique_case, [], latency_s=1.0)
+    # Calls far longer than the 0.4 s to the interrupt: on a loaded machine the timer thread can run late.
+    fake_openai.script(unique_case, [], latency_s=1.8)  # under the test kit's 2 s timeout
     timer = threading.Timer(0.4, _thread.interrupt_main)
     timer.start()
     try:
