@@ -77,11 +77,14 @@ def worker(openai_app: Any, engine_worker: Any) -> RactoCeleryWorker:
 
 
 @pytest.fixture
-def idle_worker(redis_server: RedisServer, fake_openai: FakeOpenAIServer, unique_case: str) -> Iterator[Any]:
-    """A worker whose queue nobody consumes: its tasks stay PENDING until revoked."""
-    from tests.worker_apps.openai_app import make_app
+def idle_worker(
+    redis_server: RedisServer, fake_openai: FakeOpenAIServer, openai_app: Any, unique_case: str
+) -> Iterator[Any]:
+    """A worker whose queue nobody consumes: its tasks stay PENDING until revoked.
 
-    app = make_app(redis_server.url, redis_server.url, queue=unique_case)
+    ``openai_app`` is the app module, imported once its environment is set (no worker process starts).
+    """
+    app = openai_app.make_app(redis_server.url, redis_server.url, queue=unique_case)
     yield RactoCeleryWorker(app, kit=OpenAIKit("idle-model", base_url=fake_openai.base_url), queue=unique_case)
     client = redis_server.client()
     client.delete(unique_case)
