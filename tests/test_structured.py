@@ -536,7 +536,7 @@ def test_local_model_fills_a_two_field_schema(local: Any) -> None:
     stars = frame.loc[valid, "stars"].astype(int)
     expected = reviews.loc[valid.to_numpy(), "rating"].map(lambda s: "positive" if s >= 3 else "negative")
     agree = int((frame.loc[valid, "label"].astype(str).to_numpy() == expected.to_numpy()).sum())
-    close = int(((stars.to_numpy() - reviews.loc[valid.to_numpy(), "rating"].to_numpy()).__abs__() <= 1).sum())
+    close = int((abs(stars.to_numpy() - reviews.loc[valid.to_numpy(), "rating"].to_numpy()) <= 1).sum())
     print(
         f"\n[figures] schema (label Literal + stars int) on SmolLM2-135M: {len(frame)} rows, "
         f"{int(valid.sum())} valid and typed ({valid.mean():.0%}), attempts {frame['attempts'].sum()}, "
