@@ -285,3 +285,31 @@ def test_a_window_bounds_what_is_out_and_the_publisher_refills_it(
     assert list(frame["content"]) == [f"echo: row {i} [case:{unique_case}]" for i in range(3000)]
     assert len(sent_messages(fake_openai, unique_case)) == 3000  # each row sent once
     client.close()
+
+
+def test_a_batch_that_stands_still_says_so_and_a_running_one_does_not(
+    idle_worker: RactoCeleryWorker,
+    worker: RactoCeleryWorker,
+    fake_openai: FakeOpenAIServer,
+    unique_case: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rows waiting in a queue nobody takes from look like a slow batch; after a while the note tells them apart."""
+    monkeypatch.setattr("racto_nb.batch.batch.STANDSTILL_S", 0.5)
+    waiting = Batch.submit(idle_worker, [f"row {i}" for i in range(10)])
+    assert waiting.join_publisher(timeout_s=30)
+    assert waiting.refresh().note is None
+    time.sleep(0.6)
+    note = waiting.refresh().note
+    assert note is not None and "nothing has moved" in note and "10 rows wait" in note and "%racto_status" in note
+    waiting.cancel()
+    assert waiting.wait(timeout_s=5, interval_s=0.05).note is None  # cancelled: nothing is expected to move
+
+    monkeypatch.setattr("racto_nb.batch.batch.STANDSTILL_S", 3.0)  # far above how long a free worker takes a row
+    fake_openai.script(unique_case, [], latency_s=1.0)
+    running = Batch.submit(worker, [f"slow {i} [case:{unique_case}]" for i in range(12)])
+    notes = []
+    while not (progress := running.refresh()).finished:
+        notes.append(progress.note)
+        time.sleep(0.05)
+    assert notes and all(n is None for n in notes)  # 1 s calls, then 1 s more of them: never a standstill

@@ -146,6 +146,8 @@ FLUSH_ROWS = 5_000
 COLLECTED_TTL_S = 3_600.0
 #: How often the slower checks run: workers that died, chunks that vanished, the manifest still there.
 ORPHANS_EVERY_S = 3.0
+#: Rows out, none running, no event for this long: the progress says the batch stands still.
+STANDSTILL_S = 60.0
 VANISHED_EVERY_S = 10.0
 VANISHED_AFTER_S = 15.0
 MANIFEST_EVERY_S = 5.0
@@ -207,6 +209,8 @@ class Batch:
         self.cancelled = False
         self.publish_error: BaseException | None = None
         self.note: str | None = None
+        #: When a row last changed state (monotonic): a batch that stands still says so (see :meth:`_standstill`).
+        self._moved_at = time.monotonic()
         opts = manifest.get("opts") or {}
         #: Answer rows from the pay-once ledger and send twins once (``cache=False`` turns both off).
         self.cache = bool(opts.get("cache", True))
@@ -883,6 +887,8 @@ class Batch:
         entries = self.store.read(stream, self._cursor, EVENTS_PER_REFRESH)
         look_began = time.perf_counter()
         paused_seen = False
+        if entries:
+            self._moved_at = time.monotonic()
         for entry_id, entry in entries:
             self._cursor = entry_id
             for item in entry.split(","):
@@ -1139,6 +1145,28 @@ class Batch:
 
     # ------------------------------------------------------------------ progress and waiting
 
+    def _standstill(self, finished: bool) -> str | None:
+        """Say so when rows wait in the queue and nothing has moved for ``STANDSTILL_S``.
+
+        Nothing runs (no row started or waiting to retry) yet rows are out:
+        no worker is consuming this queue, or its workers are busy elsewhere,
+        or a worker stays up but takes nothing (Celery's consumer can go quiet
+        after repeated broker disconnects). The rows are not lost; the note
+        names where to look.
+        """
+        if finished or self.cancelled or self.pause_reason is not None:
+            return None
+        if self.counts[STARTED] or self.counts[RETRY]:
+            return None
+        waiting = min(self._published_rows(), self.total) - self._done()
+        still = time.monotonic() - self._moved_at
+        if waiting <= 0 or still < STANDSTILL_S:
+            return None
+        return (
+            f"nothing has moved for {still:.0f} s while {waiting} rows wait in the queue: "
+            "%racto_status shows its workers and depth; start a worker, or restart one that is up but takes nothing"
+        )
+
     def _progress(self) -> BatchProgress:
         counts = {status: self.counts[code] for code, status in _STATUS_OF_CODE.items()}
         total = self.total
@@ -1155,6 +1183,9 @@ class Batch:
         if self._orphans:
             lost = f"{self._orphans} rows: their worker stopped answering; they run again on a live worker"
             note = f"{note}; {lost}" if note else lost
+        standstill = self._standstill(finished)
+        if standstill:
+            note = f"{note}; {standstill}" if note else standstill
         paused = self.pause_reason is not None
         if paused:  # rows not run yet wait for resume(): they are paused, not pending
             counts[TaskStatus.PAUSED] += counts[TaskStatus.PENDING]
