@@ -22,9 +22,9 @@ from typing import Any
 
 import pandas as pd
 
-from racto_nb.structured import FieldSpec, OutputSpec
+from racto_nb.structured import CHOICE_FIELD, FieldSpec, OutputSpec
 
-__all__ = ["CLASH_PREFIX", "FIELDS_ATTR", "field_columns", "with_fields"]
+__all__ = ["CLASH_PREFIX", "FIELDS_ATTR", "field_columns", "with_fields", "write_back_fields"]
 
 #: Put before a field's name when the frame already has a column of that name.
 CLASH_PREFIX = "out."
@@ -59,6 +59,20 @@ def with_fields(frame: pd.DataFrame, spec: OutputSpec, *, after: str = "parsed")
         out.insert(int(position) + offset, name, typed(values, field, frame.index))
     out.attrs[FIELDS_ATTR] = {field.name: name for name, field in columns.items()}
     return out
+
+
+def write_back_fields(column: str, spec: OutputSpec | None) -> dict[str, str | None]:
+    """Where ``write_back=column`` puts the answers: target column → the field it holds (``None``: the content).
+
+    Choices: the label into ``column`` itself; a schema: each field into
+    ``COLUMN.FIELD`` (the object named by the column, its fields dotted below
+    it, as nested fields are).
+    """
+    if spec is None:
+        return {column: None}
+    if spec.choices is not None:
+        return {column: CHOICE_FIELD}
+    return {f"{column}.{field.name}": field.name for field in spec.fields()}
 
 
 def typed(values: list[Any], field: FieldSpec, index: pd.Index) -> pd.Series:

@@ -26,6 +26,7 @@ from typing import Any, TypeAlias
 import numpy as np
 import pandas as pd
 
+from racto_nb.batch.columns import write_back_fields
 from racto_nb.batch.templates import MAX_PROMPT_CHARS, MissingRule, TemplateRows, placeholders
 from racto_nb.errors import InvalidArgument, InvalidSource, TemplateError
 from racto_nb.models import BatchItem
@@ -203,9 +204,7 @@ def _write_back_target(
             "frame=df along with the Series df['col']"
         )
     read = set(reads) | ({source.name} if isinstance(source, pd.Series) else set())
-    # With a schema the fields land in COLUMN.FIELD (racto_nb.notebook.write_back).
-    written = [column] if output is None or output.choices else [f"{column}.{f.name}" for f in output.fields()]
-    for name in written:
+    for name in write_back_fields(column, output):
         if name in read:
             raise InvalidArgument(
                 f"write_back={column!r} would overwrite the column {name!r} the prompts are made from; pick a new name"

@@ -17,8 +17,7 @@ Only the newest run that writes a column writes it (:mod:`racto_nb.notebook.clai
 With structured output (``choices`` / ``schema``) the fields are written, typed
 as in the result frame, instead of the raw content: the label into the column
 itself for ``choices``; for a ``schema``, each field into ``COLUMN.FIELD``
-(the object is named by the column, its fields dotted below it, as nested
-fields are).
+(:func:`racto_nb.batch.columns.write_back_fields`).
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from racto_nb.batch.columns import FIELDS_ATTR
+from racto_nb.batch.columns import FIELDS_ATTR, write_back_fields
 from racto_nb.notebook.claims import Claim
 from racto_nb.structured import OutputSpec
 
@@ -46,12 +45,11 @@ class WriteBack:
 
     def targets(self, result: pd.DataFrame) -> dict[str, pd.Series]:
         """Target column → the result column written into it."""
-        if self.output is None:
-            return {self.column: result["content"]}
         columns: dict[str, str] = result.attrs.get(FIELDS_ATTR, {})
-        if self.output.choices is not None:
-            return {self.column: result[next(iter(columns.values()))]}
-        return {f"{self.column}.{field}": result[name] for field, name in columns.items()}
+        return {
+            target: result["content"] if field is None else result[columns[field]]
+            for target, field in write_back_fields(self.column, self.output).items()
+        }
 
     def apply(self, result: pd.DataFrame) -> str | None:
         """Write the answers into the target; returns a note for the user when not every row fit."""
