@@ -46,6 +46,7 @@ from racto_nb.testing import FakeOpenAIServer, RedisServer
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench._machine import machine  # noqa: E402
+from bench._support import environment  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "costs.md"
 LOOKUP_CHUNK = 1_000
@@ -71,23 +72,14 @@ def accuracy(redis: RedisServer, fake: FakeOpenAIServer, rpm: int, rows: int) ->
         "RACTO_BASE_URL": fake.base_url,
         "RACTO_RPM": str(rpm),
     }
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
-        pool = WorkerPool.of("racto_nb.app", 2, concurrency=16, env={**env, "OPENAI_API_KEY": "sk-bench"}, cwd=REPO)
-        with pool:
-            racto_nb.connect()
-            source = pd.DataFrame({"review": [f"row {i} [case:{case}]" for i in range(rows)]})
-            started = time.monotonic()
-            frame = api.run_batch(source, "{review}", timeout_s=rows / rpm * 60 * 2 + 60, progress="none", cache=False)
-            took = time.monotonic() - started
-            racto_nb.disconnect()
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    workers = {**env, "OPENAI_API_KEY": "sk-bench"}
+    with environment(**env), WorkerPool.of("racto_nb.app", 2, concurrency=16, env=workers, cwd=REPO):
+        racto_nb.connect()
+        source = pd.DataFrame({"review": [f"row {i} [case:{case}]" for i in range(rows)]})
+        started = time.monotonic()
+        frame = api.run_batch(source, "{review}", timeout_s=rows / rpm * 60 * 2 + 60, progress="none", cache=False)
+        took = time.monotonic() - started
+        racto_nb.disconnect()
     arrivals = [r.arrived_at for r in fake.requests(case)]
     assert len(arrivals) == rows and (frame["status"] == "success").all(), "the batch did not finish cleanly"
     span = max(arrivals) - min(arrivals)

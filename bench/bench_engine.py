@@ -23,16 +23,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench._support import rss_mb  # noqa: E402
 from racto_nb.fleet.processes import WorkerProcess  # noqa: E402
 from racto_nb.testing import FakeOpenAIControl, RedisServer  # noqa: E402
 from racto_nb.testing.openai_server import start_in_process  # noqa: E402
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def run_batch(worker: object, n: int, case: str) -> float:

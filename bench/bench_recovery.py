@@ -32,7 +32,6 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +46,10 @@ from racto_nb.testing import FakeOpenAIServer, RedisServer
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench._machine import machine  # noqa: E402
+from bench._support import until  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "recovery.md"
 KEY = "sk-bench-recovery-0000"
-
-
-def until(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> float:
-    """Seconds until ``condition()`` held (raises after ``timeout_s``)."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout_s:
-            raise TimeoutError(f"not reached within {timeout_s} s")
-        time.sleep(interval_s)
-    return time.monotonic() - started
 
 
 def settings(broker: str, server: FakeOpenAIServer, folder: Path) -> dict[str, str]:

@@ -46,8 +46,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +57,7 @@ sys.path.insert(0, str(REPO))
 
 import racto_nb  # noqa: E402
 from bench._machine import machine  # noqa: E402
+from bench._support import environment, rss_mb, until  # noqa: E402
 from racto_nb import api  # noqa: E402
 from racto_nb.fleet.connection import disconnect  # noqa: E402
 from racto_nb.fleet.processes import WorkerProcess  # noqa: E402
@@ -72,24 +71,6 @@ PARTS = ("submit", "throughput", "flags", "seed", "frame")
 
 
 # ---------------------------------------------------------------------------- measuring
-
-
-def rss_mb(pid: int | None = None) -> float:
-    """Resident memory of a process (this one by default), in MB."""
-    for line in Path(f"/proc/{pid or os.getpid()}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
-def until(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.02) -> float:
-    """Seconds until ``condition()`` held; raises after ``timeout_s``."""
-    began = time.perf_counter()
-    while not condition():
-        if time.perf_counter() - began > timeout_s:
-            raise TimeoutError(f"not reached within {timeout_s} s")
-        time.sleep(interval_s)
-    return time.perf_counter() - began
 
 
 def biggest_value(server: RedisServer) -> tuple[str, int]:
@@ -131,21 +112,6 @@ def prompts(n: int, tag: str = "") -> pd.Series:
     return pd.Series([h + body[: 90 - len(h)] for h in head], name="prompt")
 
 
-@contextmanager
-def environment(**values: str) -> Iterator[None]:
-    """``os.environ`` with ``values`` set, restored afterwards."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def settings(broker: str, folder: Path, base_url: str = "http://127.0.0.1:9/v1") -> dict[str, str]:
     """A fleet's configuration (the default ``base_url`` is never called: the part's own kit answers)."""
     return {
@@ -154,8 +120,6 @@ def settings(broker: str, folder: Path, base_url: str = "http://127.0.0.1:9/v1")
         "RACTO_BASE_URL": base_url,
         "RACTO_MODEL": "bench-model",
     }
-
-
 
 
 # ---------------------------------------------------------------------------- submit, refresh, memory
