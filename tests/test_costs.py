@@ -275,6 +275,34 @@ def test_out_of_quota_pauses_the_batch_and_resume_finishes_it(
 
 
 @pytest.mark.slow
+def test_a_resume_while_workers_are_still_pausing_rows_loses_none_and_pays_once(
+    fleet_env: dict[str, str], fake_openai: FakeOpenAIServer, unique_case: str
+) -> None:
+    # A call finds the quota gone; the worker then pauses the queued rows one message at a time.
+    # Resuming at the first sight of the pause lands while it is still doing so: a row it pauses after
+    # resume() collected the paused ones must be sent again, and no row may be paid for twice.
+    quota_gone = Fault(429, code="insufficient_quota", message="You exceeded your quota")
+    source = pd.DataFrame({"review": [f"row {i} [case:{unique_case}]" for i in range(600)]})
+    pauses = 0
+    with workers(fleet_env, concurrency=1):
+        racto_nb.connect()
+        fake_openai.script(unique_case, [quota_gone])
+        run = api.run_batch(source, "{review}", wait=False, progress="none", timeout_s=60)
+        deadline = time.monotonic() + 60
+        while not run.done.is_set() and time.monotonic() < deadline:
+            if run.batch.refresh().paused:
+                pauses += 1
+                if pauses < 8:
+                    fake_openai.script(unique_case, [quota_gone])  # the next call finds it gone again
+                run.resume()
+            time.sleep(0.005)
+        assert run.done.wait(60), run.batch.refresh()
+    frame = run.result()
+    assert frame["status"].value_counts().to_dict() == {"success": 600}
+    assert fake_openai.count(unique_case) == 600 + pauses  # each refused call, then each row once
+
+
+@pytest.mark.slow
 def test_max_cost_pauses_before_the_cap_and_a_higher_cap_resumes(
     fleet_env: dict[str, str], fake_openai: FakeOpenAIServer, unique_case: str
 ) -> None:

@@ -231,6 +231,8 @@ class Batch:
         self._buffer: list[dict[str, Any]] = []
         self._flushed_at = time.monotonic()
         self._to_confirm: set[int] = set()
+        #: Rows a PAUSED event named, to be checked against their current round (see _take_paused_rows).
+        self._paused_rows: set[int] = set()
         self._finished_at: float | None = None
         self._workers = LiveWorkers(self.store)
         self._orphans = 0
@@ -897,9 +899,11 @@ class Batch:
                 new = _CODE_OF_EVENT.get(code)
                 if new is None or self.status[position] == SKIPPED:
                     continue
-                paused_seen = paused_seen or new == PAUSED
                 if new in _FINAL or self.status[position] in _FINAL:
                     self._to_confirm.add(position)  # a final state is read from the row itself
+                elif new == PAUSED:
+                    paused_seen = True
+                    self._paused_rows.add(position)  # which round it paused is read from the row itself
                 else:
                     self._set(position, new)
         self._confirm(look_began + LOOK_BUDGET_S)
@@ -915,8 +919,49 @@ class Batch:
             self._last["manifest"] = now
             self._follow_manifest()
             self._read_pause()
+        if self._paused_rows:
+            self._take_paused_rows()
         if self._buffer and (len(self._buffer) >= FLUSH_ROWS or now - self._flushed_at >= FLUSH_EVERY_S):
             self._flush_soon()
+
+    def _take_paused_rows(self) -> None:
+        """Show the rows a worker paused in their current round; send their chunks again if the batch goes on.
+
+        A worker that read the pause flag just before :meth:`resume` deleted it
+        pauses its rows after resume collected the paused ones: without this
+        they would stay paused for good. Their chunks go out again under the same
+        ids, as a vanished chunk does: a worker runs only the rows not final, so
+        nothing is paid twice even when two kernels watching the batch both
+        resend. An event left from an earlier round (the row sent again since)
+        finds the current round's row not paused and changes nothing.
+        """
+        positions = sorted(self._paused_rows)
+        self._paused_rows.clear()
+        results = self._results_of([row_id(self.batch_id, p, int(self.round_of[p])) for p in positions])
+        paused = np.array(
+            [p for p, result in zip(positions, results, strict=True) if result.status is TaskStatus.PAUSED],
+            dtype=np.int64,
+        )
+        if not len(paused):
+            return
+        for position in paused.tolist():
+            self._set(position, PAUSED)
+        self._read_pause()
+        if self.pause_reason is not None:
+            return  # still paused: resume() sends them
+        chunks: list[tuple[_Round, int]] = []
+        for round_ in self.rounds:
+            mine = paused[self.round_of[paused] == round_.number]
+            if not len(mine) or not round_.published:
+                continue
+            starts = np.fromiter((start for start, _ in round_.spans[: round_.published]), dtype=np.int64)
+            where = np.flatnonzero(np.isin(round_.positions[: round_.spans[round_.published - 1][1]], mine))
+            chunks.extend((round_, int(c)) for c in np.unique(np.searchsorted(starts, where, side="right") - 1))
+        if chunks:
+            for position in paused.tolist():
+                self._set(position, PENDING)
+            self.note = f"{len(paused)} rows were paused as the batch resumed; sent again"
+            self._queue_resend(chunks)
 
     def _confirm(self, until: float) -> None:
         """Read the rows whose events said they moved to (or from) a final state, and record the truth.
@@ -942,6 +987,8 @@ class Batch:
                 code = _CODE_OF_STATUS[result.status]
                 if code in _FINAL:
                     self._record(position, result)
+                elif code == PAUSED:
+                    self._paused_rows.add(position)  # after an attach, the batch may have been resumed since
                 else:
                     self._set(position, code)
 
