@@ -339,6 +339,7 @@ def test_a_task_survives_a_sigkilled_worker(
         "RACTO_TEST_BROKER": private_redis.url,
         "RACTO_TEST_BACKEND": private_redis.url,
         "RACTO_TEST_STALE_S": "3",
+        "RACTO_TEST_TIMEOUT_S": "10",  # the 2 s call must not also time out (the apps' default is 2 s: a race)
     }
     client_app = openai_app.make_app(private_redis.url, private_redis.url, visibility_s=3)
     client = openai_app.register(client_app)["default"]
