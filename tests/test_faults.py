@@ -102,13 +102,15 @@ def succeeded(run: BatchRun) -> int:
     return run.batch.refresh().count(TaskStatus.SUCCESS)
 
 
-def assert_every_row_once(frame: pd.DataFrame, rows: int) -> None:
-    """Exactly one final, successful result per row: none missing, none doubled."""
+def assert_every_row_once(frame: pd.DataFrame, rows: int, worker: WorkerProcess | None = None) -> None:
+    """Exactly one final, successful result per row: none missing, none doubled (with the worker's log if not)."""
     assert len(frame) == rows
     assert frame.index.is_unique
     bad = frame[frame["status"] != "success"]
+    log = f"; the worker's log ends:\n{worker.log_tail()}" if worker is not None and not bad.empty else ""
     assert bad.empty, (
         f"{len(bad)} rows not successful, e.g. {bad[['status', 'error_type', 'error']].head(3).to_dict('records')}"
+        + log
     )
 
 
@@ -223,8 +225,9 @@ def test_a_waiting_batch_survives_a_redis_restart(
     prompts = row_prompts(unique_case, rows, fake_openai, latency_s=0.05)
     second: RedisServer | None = None
     data_dir = first._tmpdir
+    worker = fleet_worker(env, tmp_path, concurrency=8)
     try:
-        with fleet_worker(env, tmp_path, concurrency=8):
+        with worker:
             client = racto_nb.connect(first.url)
             run = api.run_batch(prompts, worker=client, wait=False, progress="none")
             wait_for(lambda: succeeded(run) >= 100, 60, "100 rows before the restart")
@@ -244,7 +247,7 @@ def test_a_waiting_batch_survives_a_redis_restart(
             second.stop()
         first.stop()
 
-    assert_every_row_once(frame, rows)
+    assert_every_row_once(frame, rows, worker)  # a failure shows the worker's log: did its consumer reconnect?
     assert not (frame["status"] == "started").any()
     calls = calls_per_row(fake_openai, unique_case, rows)
     assert min(calls) >= 1
