@@ -149,7 +149,7 @@ def submit_one(n: int) -> dict[str, Any]:
             refreshes.append(time.perf_counter() - t)
             time.sleep(0.02)
         gc.collect()
-        figures = {
+        figures: dict[str, Any] = {
             "rows": n,
             "control_s": control_s,
             "window": window,

@@ -49,7 +49,7 @@ python -m ipykernel install --user --name racto-nb-test --display-name "Python (
 
 echo "== lint and types"
 ruff check racto_nb tests bench
-mypy racto_nb
+mypy --explicit-package-bases racto_nb tests bench
 
 echo "== tests"
 python -m pytest -p no:cacheprovider -q "$@"

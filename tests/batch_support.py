@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -44,14 +44,15 @@ def stored_values(server: RedisServer) -> Iterator[tuple[bytes, bytes]]:
     try:
         for key in client.scan_iter(count=1000):
             kind = client.type(key)
+            values: list[bytes]
             if kind == b"string":
-                values = [client.get(key) or b""]
+                values = [cast(bytes, client.get(key) or b"")]
             elif kind == b"list":
-                values = client.lrange(key, 0, -1)
+                values = cast(list[bytes], client.lrange(key, 0, -1))
             elif kind == b"hash":
-                values = list(client.hgetall(key).values())
+                values = list(cast(dict[bytes, bytes], client.hgetall(key)).values())
             elif kind == b"stream":
-                values = [str(entry).encode() for entry in client.xrange(key)]
+                values = [str(entry).encode() for entry in client.xrange(key) or []]
             else:
                 values = []
             for value in values:
@@ -64,7 +65,7 @@ def task_meta_channels(redis_server: RedisServer) -> list[bytes]:
     """Pub/sub channels of result keys: one would mean a per-task subscription was left behind."""
     client = redis_server.client()
     try:
-        return list(client.pubsub_channels("celery-task-meta-*"))
+        return cast(list[bytes], client.pubsub_channels("celery-task-meta-*"))
     finally:
         client.close()
 

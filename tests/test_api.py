@@ -29,6 +29,8 @@ pytestmark = pytest.mark.slow
 class Recorder:
     """A status view that keeps every line it is asked to draw."""
 
+    interactive = False
+
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.closed: TaskResult | None = None
@@ -41,6 +43,9 @@ class Recorder:
 
     def close(self, final: TaskResult | None = None) -> None:
         self.closed = final
+
+    def announce(self, text: str) -> None:
+        self.lines.append(text)
 
 
 # ---------------------------------------------------------------------------- run_batch
@@ -127,7 +132,7 @@ def test_write_back_and_custom_ids_from_the_frame(worker: RactoCeleryWorker, uni
         (lambda w, df: api.run_batch(df, "{review}", worker=w, temperature=-1), ValueError, "temperature"),
         (lambda w, df: api.run_batch(df, "{review}", worker=w, max_tokens=0), ValueError, "max_tokens"),
         (
-            lambda w, df: api.run_batch(df, "{review}", worker=w, progress="fancy"),
+            lambda w, df: api.run_batch(df, "{review}", worker=w, progress="fancy"),  # type: ignore[call-overload]
             ValueError,
             "progress must",
         ),

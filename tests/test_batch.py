@@ -230,9 +230,10 @@ def test_manifest_is_small_json_and_holds_what_attach_needs(idle_worker: RactoCe
 def test_rows_the_broker_never_took_fail_and_can_be_retried(
     worker: RactoCeleryWorker, unique_case: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import racto_nb.engine.publish as publish_module
     import racto_nb.engine.worker as worker_module
 
-    real_publish = worker_module.publish_many
+    real_publish = publish_module.publish_many
 
     def broker_down(*args: Any, **kwargs: Any) -> None:
         raise ConnectionError("Error 111 connecting to the broker")

@@ -137,7 +137,8 @@ def test_default_kit_is_smollm2_on_the_cpu() -> None:
     assert isinstance(worker.kit, LocalKit)
     result = worker.wait(worker.generate("Say hello.", max_tokens=8).id, timeout_s=120)
     assert result.status is TaskStatus.SUCCESS, result.error
-    assert result.content and result.result["model"] == "SmolLM2-135M-Instruct"
+    assert result.content and result.result is not None
+    assert result.result["model"] == "SmolLM2-135M-Instruct"
 
 
 def test_ingest_document_fills_the_notebooks_own_rag(tmp_path: Path) -> None:
@@ -148,7 +149,7 @@ def test_ingest_document_fills_the_notebooks_own_rag(tmp_path: Path) -> None:
     rag = SimpleRAG()
     worker = racto_nb.connect(kit=InstantKit(), rag=rag)
     result = worker.wait(worker.ingest_document(str(doc), topic="faq").id, timeout_s=20)
-    assert result.ok, result.error
+    assert result.ok and result.result is not None, result.error
     assert [chunk["metadata"]["extra"] for chunk in result.result] == [{"topic": "faq"}] * 2
     assert len(rag) == 2 and "Returns" in rag.search("free returns", k=1)[0]["content"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any
+from typing import Any, cast
 from uuid import uuid4
 
 import pytest
@@ -463,7 +463,7 @@ def test_no_client_side_key_reaches_redis(redis_server: RedisServer, unique_case
     for key in redis.scan_iter(count=1000):
         kind = redis.type(key)
         values = {b"string": lambda k: [redis.get(k) or b""], b"list": lambda k: redis.lrange(k, 0, -1)}
-        for value in values.get(kind, lambda k: [])(key):
+        for value in values.get(cast(bytes, kind), lambda k: [])(key):
             assert secret.encode() not in value, key
     assert redis.llen(app.conf.task_default_queue) == 3  # the messages were there to inspect
     redis.delete(app.conf.task_default_queue)

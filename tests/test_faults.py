@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,11 @@ def succeeded(run: BatchRun) -> int:
     return run.batch.refresh().count(TaskStatus.SUCCESS)
 
 
+def reached(run: BatchRun, rows: int) -> bool:
+    """At least ``rows`` rows of ``run`` are successful."""
+    return succeeded(run) >= rows
+
+
 def assert_every_row_once(frame: pd.DataFrame, rows: int, worker: WorkerProcess | None = None) -> None:
     """Exactly one final, successful result per row: none missing, none doubled (with the worker's log if not)."""
     assert len(frame) == rows
@@ -181,7 +187,7 @@ def test_eight_kills_in_one_batch_lose_no_row(
         for kill in range(kills):
             process = fleet_worker(fleet_env, tmp_path, concurrency=8, **fast).start()
             target = succeeded(run) + 150
-            wait_for(lambda t=target: succeeded(run) >= t, 60, f"progress before kill {kill + 1}", 0.05)
+            wait_for(partial(reached, run, target), 60, f"progress before kill {kill + 1}", 0.05)
             process.kill()
         assert succeeded(run) < rows, "the batch finished before the last kill: nothing was under test"
         with fleet_worker(fleet_env, tmp_path, concurrency=16, **fast):

@@ -18,6 +18,7 @@ from IPython.core.interactiveshell import InteractiveShell
 
 import racto_nb
 from racto_nb.engine.worker import RactoCeleryWorker
+from racto_nb.magics.declarations import RactoMagics
 from racto_nb.models import TaskResult, TaskStatus
 from racto_nb.notebook import display as racto_display
 from racto_nb.notebook.runs import BatchRun, TaskRun
@@ -52,10 +53,11 @@ def _frame(case: str) -> pd.DataFrame:
 
 
 def test_load_ext_registers_the_magics_and_their_config(shell: InteractiveShell) -> None:
+    assert shell.magics_manager is not None
     magics = shell.magics_manager.magics
     assert {"racto_batch", "racto_connect"} <= set(magics["line"])
     assert {"racto_batch", "racto_generate"} <= set(magics["cell"])
-    config = [c for c in shell.configurables if type(c).__name__ == "RactoMagics"]
+    config = [c for c in shell.configurables if isinstance(c, RactoMagics)]
     assert len(config) == 1 and config[0].progress == "none"
 
 
@@ -409,6 +411,7 @@ def test_unload_removes_the_magics() -> None:
     ip = InteractiveShell.instance()
     ip.run_line_magic("load_ext", "racto_nb")
     ip.run_line_magic("unload_ext", "racto_nb")
+    assert ip.magics_manager is not None
     assert "racto_batch" not in ip.magics_manager.magics["line"]
     assert "racto_generate" not in ip.magics_manager.magics["cell"]
     ip.run_line_magic("load_ext", "racto_nb")  # the module fixture expects them back

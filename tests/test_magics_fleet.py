@@ -54,6 +54,7 @@ def ip(
 
 
 def _run(ip: InteractiveShell, name: str, line: str = "") -> CapturedIO:
+    captured: CapturedIO
     with capture_output() as captured:
         assert ip.run_line_magic(name, line) is None  # nothing for the cell to echo
     return captured
@@ -140,6 +141,7 @@ def test_unload_removes_the_fleet_magics() -> None:
     ip = InteractiveShell.instance()
     ip.run_line_magic("load_ext", "racto_nb")
     ip.run_line_magic("unload_ext", "racto_nb")
+    assert ip.magics_manager is not None
     assert not {"racto_workers", "racto_status"} & set(ip.magics_manager.magics["line"])
     ip.run_line_magic("load_ext", "racto_nb")  # the module fixture expects them back
     ip.run_line_magic("config", 'RactoMagics.progress = "none"')

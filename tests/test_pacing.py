@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from functools import partial
 
 from racto_nb.engine.polling import poll
 from racto_nb.engine.start_marks import StartMarks
@@ -51,7 +52,7 @@ def test_marks_fall_due_in_order_across_runners() -> None:
     marks = StartMarks(grace_s=0.05)
     written: list[int] = []
     for n in range(5):
-        marks.arm(lambda n=n: written.append(n))
+        marks.arm(partial(written.append, n))
         time.sleep(0.01)
     time.sleep(0.3)
     assert written == [0, 1, 2, 3, 4]

@@ -171,6 +171,7 @@ def test_widget_end_states(progress: BatchProgress, state: str, retry_enabled: b
 def test_widget_revoked_without_cancel_is_danger() -> None:
     view = widget_view()
     view.update(snap(success=39, revoked=1, finished=True))
+    assert view.last is not None
     assert bar_style(view.last) == "danger" and "#c62828" in view.state.value
     assert view.retry_button.disabled is True  # nothing *failed*, so nothing to retry
 

@@ -388,7 +388,8 @@ def test_write_back_writes_the_fields(embedded: Any, unique_case: str) -> None:
 
 def test_generate_with_a_schema_gives_the_validated_object(embedded: Any, unique_case: str) -> None:
     result = api.generate(f"[case:{unique_case}] negative words here", schema=Review, progress="none", timeout_s=30)
-    assert result.ok and result.result["parsed"]["label"] == "negative"
+    assert result.ok and result.result is not None
+    assert result.result["parsed"]["label"] == "negative"
     value = api.structured_value(result, output_spec(schema=Review))  # type: ignore[arg-type]
     assert isinstance(value, Review) and value.score == 4  # the word count
 

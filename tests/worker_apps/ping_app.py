@@ -18,12 +18,12 @@ app = Celery(
 app.conf.update(broker_connection_retry_on_startup=True, task_acks_late=True)
 
 
-@app.task(name="ping_app.add")
+@app.task(name="ping_app.add")  # type: ignore[untyped-decorator]  # celery is untyped
 def add(x: int, y: int) -> int:
     return x + y
 
 
-@app.task(name="ping_app.pid")
+@app.task(name="ping_app.pid")  # type: ignore[untyped-decorator]
 def pid() -> int:
     """Which worker process ran the task."""
     return os.getpid()
