@@ -65,4 +65,5 @@ def test_task_result_ok_and_content() -> None:
     assert done.ok and done.content == "hello"
     failed = TaskResult(task_id="t", status=TaskStatus.FAILURE, error="boom", error_type="X", status_code=500)
     assert not failed.ok and failed.content is None
-    assert TaskResult(task_id="t", status="started").status  # type: ignore[arg-type]  # a stored string is TaskStatus.STARTED
+    stored = TaskResult(task_id="t", status="started")  # type: ignore[arg-type]  # a status string as stored
+    assert stored.status is TaskStatus.STARTED
